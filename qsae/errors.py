@@ -1,0 +1,84 @@
+"""Every exception qsae raises on purpose.
+
+The tree::
+
+    QsaeError                       base of everything below
+    ├── ConfigError (ValueError)    a setting or option that cannot work
+    ├── DataError (ValueError)      input data that cannot be used (file, shape, NaN, ...)
+    ├── ProtocolError               a message that breaks the wire protocol
+    ├── NumericalError              NaN or Inf where a finite number is required
+    ├── WorkerError                 a worker reported a failure (host, exception, traceback)
+    ├── WorkerLost                  workers died or went silent and none are left to cover
+    ├── RoundTimeout (TimeoutError) a round, HELLO or reply did not arrive in time
+    ├── LaunchError                 workers could not be started (local or SSH)
+    │   └── HostsFileError (ValueError)  a malformed hosts file line
+    ├── KeysError                   CURVE keys missing or unreadable
+    └── MissingDependency (ImportError)  an optional package is not installed
+
+Each message says what happened and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QsaeError",
+    "ConfigError",
+    "DataError",
+    "ProtocolError",
+    "NumericalError",
+    "WorkerError",
+    "WorkerLost",
+    "RoundTimeout",
+    "LaunchError",
+    "HostsFileError",
+    "KeysError",
+    "MissingDependency",
+]
+
+
+class QsaeError(Exception):
+    """Base class of every error qsae raises on purpose."""
+
+
+class ConfigError(QsaeError, ValueError):
+    """A setting or command-line option that cannot work."""
+
+
+class DataError(QsaeError, ValueError):
+    """Input data that cannot be used: a missing file, a bad shape, NaN or Inf."""
+
+
+class ProtocolError(QsaeError):
+    """A message that breaks the wire protocol (bad header, frames, dtype or shape)."""
+
+
+class NumericalError(QsaeError, FloatingPointError):
+    """NaN or Inf where a finite number is required."""
+
+
+class WorkerError(QsaeError):
+    """A worker reported a failure; the message carries its host, exception and traceback."""
+
+
+class WorkerLost(QsaeError):
+    """Workers died or went silent and no living worker is left to cover their data."""
+
+
+class RoundTimeout(QsaeError, TimeoutError):
+    """Something expected (a round's replies, a HELLO) did not arrive before its deadline."""
+
+
+class LaunchError(QsaeError):
+    """Workers could not be started, locally or over SSH."""
+
+
+class HostsFileError(LaunchError, ValueError):
+    """A hosts file line that does not follow `[user@]host[:port] [workers=N] [python=PATH]`."""
+
+
+class KeysError(QsaeError):
+    """CURVE keys are missing or unreadable."""
+
+
+class MissingDependency(QsaeError, ImportError):
+    """An optional package is not installed; the message names the pip command."""
