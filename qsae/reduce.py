@@ -1,0 +1,189 @@
+"""Reducers: how the master turns the workers' replies into (cost, grad).
+
+A reducer knows the math and nothing of sockets. It talks to the workers through one
+function the master gives it::
+
+    scatter(op: str, arg: np.ndarray) -> list[tuple[int, np.ndarray]]
+
+which runs the worker operation ``op`` (a key of ``OPS``) with ``arg`` on every shard and
+returns each shard's (rows, result vector). The worker side of every operation is in
+``OPS``: a function (ShardState, arg) -> vector, pure numpy.
+
+Reducers:
+
+* ``exact`` — equal to ``cost_and_grad(θ, X)`` of the whole data set for any split.
+  Two ways (DESIGN.md, "Why the exact protocol is cheap"):
+  one round, ``sums``: each shard returns Σ f'xᵀ and Σ f' too (one extra h×n product);
+  two rounds, ``forward`` then ``backward``: Σ a2 first, then the sparsity delta s is sent
+  and folded into the backward pass (the shard keeps its activations between the rounds).
+  ``rounds=None`` picks by shard size: one round below ``two_round_from`` rows per shard.
+* ``average`` — the report's ParallelAvgCostFunction: each shard uses its own firing
+  rates p_j, and shard results are weighted by their sizes. An approximation.
+
+To add a reducer: write the worker side as a function in ``OPS`` (if the existing ones do
+not serve), subclass ``Reducer`` with a ``name`` and ``evaluate``, and add it to
+``REDUCERS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConfigError, ProtocolError
+from .model import (
+    SAEConfig,
+    Sums,
+    backward,
+    cost_and_grad,
+    finish_sums,
+    forward,
+    shard_sums,
+    sparsity_delta,
+)
+
+__all__ = [
+    "ShardState",
+    "OPS",
+    "Reducer",
+    "ExactReducer",
+    "AverageReducer",
+    "REDUCERS",
+    "make_reducer",
+    "serial_scatter",
+]
+
+Scatter = Callable[[str, np.ndarray], "list[tuple[int, np.ndarray]]"]
+
+
+class ShardState:
+    """What a worker keeps between rounds: its patches and the activations of the last θ."""
+
+    def __init__(self, X: np.ndarray, config: SAEConfig) -> None:
+        self.X = np.ascontiguousarray(X, dtype=np.float64)
+        self.config = config
+        self.theta: np.ndarray | None = None  # θ of the cached activations
+        self.A: np.ndarray | None = None  # forward(θ, X), kept for the backward round
+
+    @property
+    def m(self) -> int:
+        """Rows in this shard."""
+        return self.X.shape[0]
+
+
+def _op_sums(st: ShardState, theta: np.ndarray) -> np.ndarray:
+    return shard_sums(theta, st.X, st.config).vec
+
+
+def _op_forward(st: ShardState, theta: np.ndarray) -> np.ndarray:
+    st.theta, st.A = theta.copy(), forward(theta, st.X, st.config)
+    h = st.config.n_hidden
+    return np.ones(st.m) @ st.A[:, :h]
+
+
+def _op_backward(st: ShardState, s: np.ndarray) -> np.ndarray:
+    if st.A is None or st.theta is None:
+        raise ProtocolError("backward round without a forward round: the worker holds no activations")
+    vec = backward(st.theta, st.X, st.A, s, st.config).vec
+    st.A = None  # one backward per forward: a stale A must never be reused
+    return vec
+
+
+def _op_average(st: ShardState, theta: np.ndarray) -> np.ndarray:
+    cost, grad = cost_and_grad(theta, st.X, st.config)
+    return np.concatenate([[cost * st.m], grad * st.m])
+
+
+OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {
+    "sums": _op_sums,  # θ -> one-round Sums.vec
+    "forward": _op_forward,  # θ -> Σ a2 (h,); caches the activations
+    "backward": _op_backward,  # s -> two-round Sums.vec (s folded in)
+    "average": _op_average,  # θ -> [m·J_shard, m·∇J_shard]
+}
+
+
+class Reducer(ABC):
+    """Turns the workers' replies into the exact or approximate (cost, grad)."""
+
+    name: str = ""
+
+    def __init__(self, config: SAEConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def evaluate(self, theta: np.ndarray, scatter: Scatter) -> tuple[float, np.ndarray]:
+        """Cost and gradient at θ, computed through ``scatter``."""
+
+
+class ExactReducer(Reducer):
+    """The cost of the whole data set, whatever the split, in one or two rounds."""
+
+    name = "exact"
+
+    def __init__(self, config: SAEConfig, rounds: int | None = None, two_round_from: int = 20_000) -> None:
+        super().__init__(config)
+        if rounds not in (None, 1, 2):
+            raise ConfigError(f"rounds={rounds!r}: the exact protocol takes 1 or 2 rounds (or None to choose)")
+        self.rounds = rounds
+        self.two_round_from = two_round_from  # rows per shard from which two rounds are faster
+
+    def rounds_for(self, rows_per_shard: float) -> int:
+        """How many rounds to use for shards of this size."""
+        if self.rounds is not None:
+            return self.rounds
+        return 2 if rows_per_shard >= self.two_round_from else 1
+
+    def evaluate(self, theta: np.ndarray, scatter: Scatter, rows_per_shard: float = 0.0) -> tuple[float, np.ndarray]:
+        cfg = self.config
+        if self.rounds_for(rows_per_shard) == 1:
+            total = _add(scatter("sums", theta))
+            return finish_sums(theta, total, cfg, s_folded=False)
+        replies = scatter("forward", theta)
+        m = sum(k for k, _ in replies)
+        p = sum(v for _, v in replies) / m
+        total = _add(scatter("backward", sparsity_delta(p, cfg)))
+        return finish_sums(theta, total, cfg, s_folded=True)
+
+
+class AverageReducer(Reducer):
+    """The report's approximation: each shard's own p_j, results weighted by shard size."""
+
+    name = "average"
+
+    def evaluate(self, theta: np.ndarray, scatter: Scatter, rows_per_shard: float = 0.0) -> tuple[float, np.ndarray]:
+        replies = scatter("average", theta)
+        m = sum(k for k, _ in replies)
+        v = sum(vec for _, vec in replies) / m
+        return float(v[0]), v[1:]
+
+
+def _add(replies: list[tuple[int, np.ndarray]]) -> Sums:
+    total = Sums(0, 0.0)  # type: ignore[arg-type]
+    for k, vec in replies:
+        total = total + Sums(k, vec)
+    return total
+
+
+REDUCERS: dict[str, type[Reducer]] = {"exact": ExactReducer, "average": AverageReducer}
+
+
+def make_reducer(name: str, config: SAEConfig, **options) -> Reducer:
+    """The reducer called ``name`` ("exact" or "average")."""
+    if name not in REDUCERS:
+        raise ConfigError(f"unknown protocol {name!r}; choose one of: {', '.join(REDUCERS)}")
+    return REDUCERS[name](config, **options)
+
+
+def serial_scatter(shards: list[ShardState]) -> Scatter:
+    """A ``scatter`` that runs every operation in this process, shard after shard.
+
+    The reference the distributed runtime is tested against, and a way to study the
+    protocols without sockets.
+    """
+
+    def scatter(op: str, arg: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        return [(st.m, OPS[op](st, arg)) for st in shards]
+
+    return scatter
