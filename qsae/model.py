@@ -216,7 +216,9 @@ def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
         u = z[: hi - lo]
         np.matmul(X[lo:hi], nW1T, out=u)
         u -= b1  # u = −(x W1ᵀ + b1)
-        A[lo:hi, :h] = _sigmoid_of_negated_(u)
+        np.exp(u, out=u)
+        u += 1.0
+        np.divide(1.0, u, out=A[lo:hi, :h])  # σ = 1/(1 + e^u), written straight into A
     return A
 
 
