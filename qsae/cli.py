@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the patches and the initial weights")
     run.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
     run.add_argument("--checkpoint-every", type=int, default=10, help="iterations between checkpoints of model.npz")
+    run.add_argument("--threads", type=int, default=1,
+                     help="BLAS threads of the master's own arithmetic (--local) and of each worker")
     run.add_argument("-q", "--quiet", action="store_true", help="no per-iteration lines")
     return p
 
@@ -108,13 +110,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.local:
         print(f"qsae {__version__}: {cfg}, {X.shape[0]} patches, in this process")
         result = train(lambda th: cost_and_grad(th, X, cfg), theta0, spec, echo=echo)
-        return 0 if result.status in (0, 1) else 1
+        return _exit_status(result)
     with _master(args, cfg) as master:
         images = spec_data.images()
         master.scatter_images(images, m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
         print(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
         result = train(master, theta0, spec, echo=echo)
-    return 0 if result.status in (0, 1) else 1
+    return _exit_status(result)
+
+
+def _exit_status(result) -> int:
+    """0 for a run that ended normally (converged or out of iterations), 130 for Ctrl-C."""
+    return {0: 0, 1: 0, 2: 0, 130: 130}.get(result.status, 1)
 
 
 def _master(args: argparse.Namespace, cfg):
@@ -137,6 +144,8 @@ def _master(args: argparse.Namespace, cfg):
 def master_main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsae-master``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))  # before numpy loads: one core per process
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return _run(args)

@@ -129,7 +129,7 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
         result.message = "stopped by SIGTERM"
     checkpoint(result.x, result.nit, result.success)
     _pictures(out, result, spec.config)
-    echo(f"{result.message}: {result.nit} iterations, {result.nfev} evaluations, cost {result.fun:.8f}, "
+    print(f"{result.message}: {result.nit} iterations, {result.nfev} evaluations, cost {result.fun:.8f}, "
          f"{time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, history.jsonl")
     return result
 
