@@ -1,0 +1,159 @@
+"""The wire protocol between master and workers: message types, framing, validation.
+
+A message is one msgpack header frame followed by one raw frame per array::
+
+    header = {"t": TYPE, "v": VERSION, "r": ROUND, "a": [[dtype, shape], ...], ...fields}
+    frames = [msgpack(header), array_0 bytes, array_1 bytes, ...]
+
+Nothing is ever unpickled: arrays are rebuilt with ``np.frombuffer`` from their declared
+dtype and shape, after checking that the frame holds exactly that many bytes. Every header
+field is checked against the schema of its message type before anyone uses it.
+
+Message types (direction, fields, arrays):
+
+    HELLO   w→m  name, host, pid, cores, version              —
+    SHARD   m→w  config, kind ("images" | "array"), lo, hi, m, patch_size, seed, sigma,
+                 chunk, chunks                                 images or a chunk of rows
+    READY   w→m  rows                                          —
+    EVAL    m→w  op (a key of reduce.OPS)                      the argument vector
+    RESULT  w→m  rows                                          the result vector
+    PING    both busy                                          —
+    PONG    both —                                             —
+    ERROR   both etype, message, traceback, host               —
+    STOP    m→w  —                                             —
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError
+
+__all__ = [
+    "VERSION",
+    "HELLO", "SHARD", "READY", "EVAL", "RESULT", "PING", "PONG", "ERROR", "STOP",
+    "Message",
+    "encode",
+    "decode",
+    "MAX_HEADER_BYTES",
+    "MAX_ARRAY_BYTES",
+]
+
+VERSION = 1
+HELLO, SHARD, READY, EVAL, RESULT, PING, PONG, ERROR, STOP = (
+    "HELLO", "SHARD", "READY", "EVAL", "RESULT", "PING", "PONG", "ERROR", "STOP",
+)
+MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; anything larger is garbage
+MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one image or one chunk of rows; the master chunks below this
+MAX_ARRAYS = 64  # images in one SHARD message
+MAX_STR = 16 * 1024  # tracebacks included
+ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
+
+# Per type: required header fields and their types. Extra fields are an error too.
+_STR, _INT, _NUM, _BOOL, _DICT = str, int, (int, float), bool, dict
+SCHEMA: dict[str, dict[str, Any]] = {
+    HELLO: {"name": _STR, "host": _STR, "pid": _INT, "cores": _INT, "version": _STR},
+    SHARD: {"config": _DICT, "kind": _STR, "lo": _INT, "hi": _INT, "m": _INT, "patch_size": _INT,
+            "seed": _INT, "sigma": _NUM, "chunk": _INT, "chunks": _INT},
+    READY: {"rows": _INT},
+    EVAL: {"op": _STR},
+    RESULT: {"rows": _INT},
+    PING: {"busy": _BOOL},
+    PONG: {},
+    ERROR: {"etype": _STR, "message": _STR, "traceback": _STR, "host": _STR},
+    STOP: {},
+}
+ARRAY_COUNT = {EVAL: (1, 1), RESULT: (1, 1), SHARD: (0, MAX_ARRAYS)}  # (min, max); others none
+
+
+@dataclass
+class Message:
+    """A decoded, validated message."""
+
+    type: str
+    round: int = 0
+    fields: dict = field(default_factory=dict)
+    arrays: list = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
+def encode(type: str, round: int = 0, arrays: Sequence[np.ndarray] = (), **fields: Any) -> list:
+    """Frames of a message: the msgpack header, then each array's raw bytes (zero-copy)."""
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    header = {"t": type, "v": VERSION, "r": round, "a": [[a.dtype.str, list(a.shape)] for a in arrays], **fields}
+    return [msgpack.packb(header, use_bin_type=True), *(memoryview(a).cast("B") for a in arrays)]
+
+
+def _buffer(frame: Any) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Validate and decode frames (bytes or zmq.Frame); raise ProtocolError on any fault."""
+    if not frames:
+        raise ProtocolError("empty message: no header frame")
+    head = _buffer(frames[0])
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {head.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(head, raw=False, strict_map_key=True, max_str_len=MAX_STR, max_bin_len=0,
+                            max_array_len=MAX_ARRAYS * 4, max_map_len=64, max_ext_len=0)
+    except Exception as e:
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(h, dict):
+        raise ProtocolError(f"header is a {type(h).__name__}, not a map")
+    t, v, r, specs = h.pop("t", None), h.pop("v", None), h.pop("r", None), h.pop("a", None)
+    if t not in SCHEMA:
+        raise ProtocolError(f"unknown message type {t!r}; known: {', '.join(SCHEMA)}")
+    if v != VERSION:
+        raise ProtocolError(f"protocol version {v!r}, this side speaks {VERSION}: install the same qsae version on both")
+    if type(r) is not int or r < 0:
+        raise ProtocolError(f"{t}: round {r!r} is not a non-negative integer")
+    _check_fields(t, h)
+    arrays = _arrays(t, specs, frames[1:])
+    return Message(t, r, h, arrays)
+
+
+def _check_fields(t: str, h: dict) -> None:
+    schema = SCHEMA[t]
+    missing, extra = set(schema) - set(h), set(h) - set(schema)
+    if missing or extra:
+        raise ProtocolError(f"{t}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}")
+    for k, want in schema.items():
+        val = h[k]
+        ok = isinstance(val, want) and not (want in (_INT, _NUM) and isinstance(val, bool))
+        if not ok:
+            raise ProtocolError(f"{t}: field {k!r} is {type(val).__name__}, expected {getattr(want, '__name__', want)}")
+        if type(val) is int and not -(2**62) < val < 2**62:
+            raise ProtocolError(f"{t}: field {k!r} = {val} is out of range")
+
+
+def _arrays(t: str, specs: Any, frames: Sequence[Any]) -> list[np.ndarray]:
+    lo, hi = ARRAY_COUNT.get(t, (0, 0))
+    if not isinstance(specs, list) or not lo <= len(specs) <= hi:
+        raise ProtocolError(f"{t}: array list {specs!r:.80} must hold {lo}..{hi} [dtype, shape] pairs")
+    if len(frames) != len(specs):
+        raise ProtocolError(f"{t}: header declares {len(specs)} arrays but {len(frames)} data frames came")
+    out = []
+    for i, (spec, frame) in enumerate(zip(specs, frames)):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
+            raise ProtocolError(f"{t}: array {i}: spec {spec!r:.80} is not [dtype, shape]")
+        dt, shape = spec
+        if dt not in ALLOWED_DTYPES:
+            raise ProtocolError(f"{t}: array {i}: dtype {dt!r:.20} not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+        if not (1 <= len(shape) <= 2 and all(type(s) is int and 0 <= s < 2**40 for s in shape)):
+            raise ProtocolError(f"{t}: array {i}: shape {shape!r:.80} must be 1 or 2 non-negative integers")
+        dtype = ALLOWED_DTYPES[dt]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buf = _buffer(frame)
+        if nbytes > MAX_ARRAY_BYTES or buf.nbytes != nbytes:
+            raise ProtocolError(f"{t}: array {i}: {dt}{tuple(shape)} needs {nbytes} bytes, the frame has {buf.nbytes}"
+                                f" (limit {MAX_ARRAY_BYTES})")
+        out.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    return out

@@ -1,0 +1,246 @@
+"""The worker: connects to the master, caches its shard, answers evaluation rounds.
+
+    python -m qsae.worker --stdin                       # started by a launcher
+    python -m qsae.worker --connect tcp://HOST:PORT     # started by hand (qsae-worker)
+
+A launcher writes one JSON line to the worker's stdin (never the command line, which ``ps``
+shows): ``{"connect": ..., "curve": null | {"server_public", "public", "secret"}, "name":
+..., "threads": 1}``. The worker says HELLO, receives its shard once (the images and its row
+range, from which it cuts its own patches; or the rows themselves), replies READY, then
+answers every EVAL with RESULT until STOP — or until it has heard nothing from the master
+for ``master_timeout`` seconds, when it exits by itself.
+
+Large shards are computed in a thread while the main thread keeps sending PINGs, so the
+master can tell a busy worker from a dead one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+
+__all__ = ["main", "Worker"]
+
+log = logging.getLogger("qsae.worker")
+
+INLINE_ROWS = 100_000  # shards up to this many rows are computed inline (< ~0.1 s a round)
+
+
+def _set_threads(threads: int) -> None:
+    """One BLAS thread per worker (one worker per core); must run before numpy loads."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+
+
+class Worker:
+    """The DEALER side of one connection to the master."""
+
+    def __init__(self, connect: str, name: str | None = None, curve: dict | None = None,
+                 heartbeat: float = 1.0, master_timeout: float = 10.0, threads: int = 1) -> None:
+        import zmq
+
+        self.threads = threads  # the cores it declares: shards are balanced by them
+        self.name = name or f"{socket.gethostname()}#{os.getpid()}"
+        self.heartbeat, self.master_timeout = heartbeat, master_timeout
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        if curve:
+            self.sock.curve_serverkey = curve["server_public"].encode()  # before connect
+            self.sock.curve_publickey = curve["public"].encode()
+            self.sock.curve_secretkey = curve["secret"].encode()
+        self.sock.connect(connect)
+        self.state = None  # reduce.ShardState once the shard is complete
+        self._chunks: list = []
+        self._last_heard = time.monotonic()
+        self._last_sent = 0.0
+
+    # -- sending
+    def send(self, type: str, round: int = 0, arrays=(), **fields) -> None:
+        from .protocol import encode
+
+        self.sock.send_multipart(encode(type, round, arrays, **fields), copy=False)
+        self._last_sent = time.monotonic()
+
+    def send_error(self, exc: BaseException, round: int = 0) -> None:
+        from .protocol import ERROR
+
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
+        self.send(ERROR, round, etype=type(exc).__name__, message=str(exc)[:2000], traceback=tb,
+                  host=f"{socket.gethostname()} ({self.name})")
+
+    # -- the loop
+    def run(self) -> int:
+        """Serve until STOP (exit 0) or until the master is gone (exit 1)."""
+        from . import __version__
+        from .protocol import HELLO
+
+        self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(),
+                  cores=self.threads,
+                  version=__version__)
+        log.info("%s: connected, said HELLO", self.name)
+        try:
+            while True:
+                if self.sock.poll(int(self.heartbeat * 1000)):
+                    if self._handle(self.sock.recv_multipart(copy=False)):
+                        return 0
+                self._tick(busy=False)
+                if time.monotonic() - self._last_heard > self.master_timeout:
+                    log.error("%s: nothing heard from the master for %.0f s; it is gone, exiting",
+                              self.name, self.master_timeout)
+                    return 1
+        finally:
+            self.sock.close(linger=0)
+            self.ctx.term()
+
+    def _tick(self, busy: bool) -> None:
+        from .protocol import PING
+
+        if time.monotonic() - self._last_sent >= self.heartbeat:
+            self.send(PING, busy=busy)
+
+    def _handle(self, frames) -> bool:
+        """Handle one message; True on STOP."""
+        from .errors import ProtocolError
+        from .protocol import EVAL, PING, PONG, SHARD, STOP, decode
+
+        self._last_heard = time.monotonic()
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            log.warning("%s: bad message: %s", self.name, e)
+            self.send_error(e)
+            return False
+        if msg.type == STOP:
+            log.info("%s: STOP from the master", self.name)
+            return True
+        if msg.type == PING:
+            self.send(PONG)
+        elif msg.type == SHARD:
+            self._on_shard(msg)
+        elif msg.type == EVAL:
+            self._on_eval(msg)
+        elif msg.type != PONG:
+            self.send_error(ProtocolError(f"a worker does not take {msg.type} messages"), msg.round)
+        return False
+
+    def _on_shard(self, msg) -> None:
+        from .protocol import READY
+
+        try:
+            self.state = None
+            if msg["kind"] == "images":
+                X = self._cut_patches(msg)
+            elif msg["kind"] == "array":
+                if msg["chunk"] == 0:
+                    self._chunks = []
+                self._chunks.extend(a.copy() for a in msg.arrays)  # copy: the frame buffer is zmq's
+                if msg["chunk"] + 1 < msg["chunks"]:
+                    return
+                import numpy as np
+
+                X = np.concatenate(self._chunks) if self._chunks else np.empty((0, 0))
+                self._chunks = []
+            else:
+                raise ValueError(f"unknown shard kind {msg['kind']!r}; expected 'images' or 'array'")
+            if X.shape[0] != msg["hi"] - msg["lo"]:
+                raise ValueError(f"shard has {X.shape[0]} rows, expected {msg['hi'] - msg['lo']}")
+            from .model import SAEConfig
+            from .reduce import ShardState
+
+            self.state = ShardState(X, SAEConfig.from_dict(msg["config"]))
+            log.info("%s: holds rows %d..%d", self.name, msg["lo"], msg["hi"])
+            self.send(READY, msg.round, rows=self.state.m)
+        except Exception as e:  # a bad shard is reported; the worker keeps serving
+            self.send_error(e, msg.round)
+
+    @staticmethod
+    def _cut_patches(msg):
+        from .data import sample_patches
+
+        return sample_patches(msg.arrays, msg["m"], patch_size=msg["patch_size"], seed=msg["seed"],
+                              lo=msg["lo"], hi=msg["hi"], sigma=msg["sigma"])
+
+    def _on_eval(self, msg) -> None:
+        from .protocol import RESULT
+        from .reduce import OPS
+
+        try:
+            if self.state is None:
+                raise RuntimeError("EVAL before the shard arrived: the worker holds no data")
+            if msg["op"] not in OPS:
+                raise ValueError(f"unknown operation {msg['op']!r}; known: {', '.join(OPS)}")
+            op, arg = OPS[msg["op"]], msg.arrays[0]
+            if self.state.m <= INLINE_ROWS:
+                vec = op(self.state, arg)
+            else:
+                vec = self._in_thread(op, arg)
+            self.send(RESULT, msg.round, [vec], rows=self.state.m)
+        except Exception as e:
+            self.send_error(e, msg.round)
+
+    def _in_thread(self, op, arg):
+        """Run op in a thread, sending PINGs (busy) while it runs."""
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(op, self.state, arg)
+            while True:
+                try:
+                    return fut.result(timeout=self.heartbeat)
+                except concurrent.futures.TimeoutError:
+                    self._tick(busy=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qsae-worker", description="Serve one shard of a qsae training run.")
+    p.add_argument("--connect", help="the master's address, tcp://HOST:PORT")
+    p.add_argument("--stdin", action="store_true", help="read the configuration as one JSON line from stdin")
+    p.add_argument("--keys", help="directory from `qsae-master --make-keys DIR` (CURVE keys for this worker)")
+    p.add_argument("--name", default=None, help="name in the master's log (default HOST#PID)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: one worker per core)")
+    p.add_argument("--master-timeout", type=float, default=10.0, help="exit after this many seconds without the master")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``qsae-worker`` and ``python -m qsae.worker``."""
+    args = _parser().parse_args(argv)
+    if args.stdin:
+        line = sys.stdin.readline()
+        try:
+            cfg = json.loads(line)
+        except json.JSONDecodeError as e:
+            print(f"qsae-worker: stdin did not hold one JSON line ({e})", file=sys.stderr)
+            return 2
+    elif args.connect:
+        cfg = {"connect": args.connect, "curve": _load_keys(args.keys) if args.keys else None,
+               "name": args.name, "threads": args.threads}
+    else:
+        print("qsae-worker: give --connect tcp://MASTER:PORT (or --stdin when started by a launcher)", file=sys.stderr)
+        return 2
+    _set_threads(int(cfg.get("threads") or 1))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {cfg.get('name') or 'worker'} %(levelname)s %(message)s")
+    worker = Worker(cfg["connect"], cfg.get("name"), cfg.get("curve"), master_timeout=args.master_timeout,
+                    threads=int(cfg.get("threads") or 1))
+    try:
+        return worker.run()
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load_keys(directory: str) -> dict:
+    from .keys import load_worker_keys
+
+    return load_worker_keys(directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
