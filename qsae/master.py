@@ -119,6 +119,7 @@ class Master:
                               "run with curve=False for now")
         self.heartbeat, self.worker_timeout, self.start_timeout = heartbeat, worker_timeout, start_timeout
         self.address: str | None = None
+        self.server_public: bytes | None = None
         self._workers: dict[bytes, WorkerInfo] = {}
         self._order: list[bytes] = []  # workers holding shards, in row order
         self._m = 0
@@ -166,6 +167,7 @@ class Master:
             self._auth.start()
             self._auth.configure_curve_callback(domain="*", credentials_provider=allow)
             server_public, server_secret = zmq.curve_keypair()
+            self.server_public = server_public  # z85; workers need it to connect
             sock.curve_server = True  # before bind
             sock.curve_secretkey = server_secret
             sock.curve_publickey = server_public

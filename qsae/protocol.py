@@ -25,6 +25,7 @@ Message types (direction, fields, arrays):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -150,7 +151,7 @@ def _arrays(t: str, specs: Any, frames: Sequence[Any]) -> list[np.ndarray]:
         if not (1 <= len(shape) <= 2 and all(type(s) is int and 0 <= s < 2**40 for s in shape)):
             raise ProtocolError(f"{t}: array {i}: shape {shape!r:.80} must be 1 or 2 non-negative integers")
         dtype = ALLOWED_DTYPES[dt]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow to a small number
         buf = _buffer(frame)
         if nbytes > MAX_ARRAY_BYTES or buf.nbytes != nbytes:
             raise ProtocolError(f"{t}: array {i}: {dt}{tuple(shape)} needs {nbytes} bytes, the frame has {buf.nbytes}"

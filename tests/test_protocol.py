@@ -1,0 +1,99 @@
+"""The wire format: every message type round-trips; every malformed message is refused."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from qsae.errors import ProtocolError
+from qsae.protocol import (
+    ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SCHEMA, SHARD, STOP, VERSION, decode, encode,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+GOOD = {
+    HELLO: dict(name="w#0", host="h", pid=1, cores=2, version="0.1.0"),
+    SHARD: dict(config={"n_hidden": 30}, kind="images", lo=0, hi=10, m=10, patch_size=8, seed=0, sigma=0.5,
+                chunk=0, chunks=1),
+    READY: dict(rows=10),
+    EVAL: dict(op="sums"),
+    RESULT: dict(rows=10),
+    PING: dict(busy=True),
+    PONG: {},
+    ERROR: dict(etype="ValueError", message="m", traceback="tb", host="h"),
+    STOP: {},
+}
+ARRAYS = {EVAL: [np.arange(5.0)], RESULT: [np.arange(7.0)], SHARD: [np.ones((3, 4)), np.zeros((2, 2), np.float32)]}
+
+
+def frames(t, round=3, arrays=None, **fields):
+    return [bytes(f) for f in encode(t, round, ARRAYS.get(t, []) if arrays is None else arrays,
+                                     **(GOOD[t] if not fields else fields))]
+
+
+@pytest.mark.parametrize("t", list(SCHEMA))
+def test_every_type_round_trips(t):
+    msg = decode(frames(t))
+    assert msg.type == t and msg.round == 3 and msg.fields == GOOD[t]
+    for a, b in zip(msg.arrays, ARRAYS.get(t, [])):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def header(**h):
+    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums"}
+    base.update(h)
+    return msgpack.packb({k: v for k, v in base.items() if v is not ...})
+
+
+DATA = np.zeros(2).tobytes()
+
+
+@pytest.mark.parametrize("msg, words", [
+    ([], "empty"),
+    ([b"\xc1\xc1"], "not valid msgpack"),
+    ([msgpack.packb([1, 2])], "not a map"),
+    ([header(t="NOPE"), DATA], "unknown message type"),
+    ([header(v=99), DATA], "protocol version 99"),
+    ([header(r=-1), DATA], "round -1"),
+    ([header(r="1"), DATA], "round '1'"),
+    ([header(op=5), DATA], "field 'op' is int"),
+    ([header(op=...), DATA], "missing fields ['op']"),
+    ([header(extra=1), DATA], "unexpected fields ['extra']"),
+    ([header()], "declares 1 arrays but 0"),
+    ([header(), DATA, DATA], "declares 1 arrays but 2"),
+    ([header(a=[["|O", [2]]]), DATA], "dtype '|O' not allowed"),
+    ([header(a=[["<i8", [2]]]), DATA], "dtype '<i8' not allowed"),
+    ([header(a=[["<f8", [3]]]), DATA], "needs 24 bytes, the frame has 16"),
+    ([header(a=[["<f8", [-2]]]), DATA], "shape [-2]"),
+    ([header(a=[["<f8", [2**39, 2**39]]]), b""], "limit"),  # 2^78 elements must not wrap to 0 bytes
+    ([header(a=[["<f8", [MAX_ARRAY_BYTES]]]), DATA], "limit"),
+    ([header(a=[]),], "must hold 1..1"),
+    ([header(a="x"), DATA], "array list"),
+    ([msgpack.packb({"t": HELLO, "v": VERSION, "r": 0, "a": [], "name": "n", "host": "h", "pid": True,
+                     "cores": 1, "version": "0.1.0"})], "field 'pid' is bool"),
+    ([b"\x81" + b"\xa1t" + b"\xdb" + b"\xff\xff\xff\x7f"], "not valid msgpack"),  # a 2 GB string claimed
+    ([b"x" * (65 * 1024)], "header of"),
+])
+def test_malformed_messages_are_refused(msg, words):
+    with pytest.raises(ProtocolError) as e:
+        decode(msg)
+    assert words in str(e.value)
+
+
+def test_random_bytes_never_escape_as_another_exception():
+    rng = np.random.default_rng(0)
+    good = frames(EVAL)
+    for i in range(3000):
+        fs = [bytearray(f) for f in good]
+        k = rng.integers(len(fs))
+        for _ in range(rng.integers(1, 5)):  # flip bytes in one frame
+            if fs[k]:
+                fs[k][rng.integers(len(fs[k]))] = rng.integers(256)
+        if i % 3 == 0:
+            fs = [bytes(rng.integers(0, 256, rng.integers(0, 40), dtype=np.uint8))] + fs[1:]
+        try:
+            decode([bytes(f) for f in fs])
+        except ProtocolError:
+            pass

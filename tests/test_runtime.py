@@ -1,0 +1,228 @@
+"""The master and real worker processes on 127.0.0.1: exact sums, errors, clean exits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import textwrap
+
+import numpy as np
+import pytest
+import zmq
+
+from qsae import Master, SAEConfig, init_params
+from qsae.data import load_images, sample_patches
+from qsae.errors import ConfigError, WorkerError, WorkerLost
+from qsae.model import cost_and_grad
+from qsae.protocol import ERROR, EVAL, HELLO, decode, encode
+from qsae.reduce import AverageReducer, ShardState, serial_scatter
+
+pytestmark = pytest.mark.timeout(60)
+CFG = SAEConfig()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie is as good as gone
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids, seconds=10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0.1, 0.9, size=(1001, 64))
+    theta = init_params(CFG, seed=1)
+    theta[2 * 64 * 30 :] = rng.normal(0, 0.1, 94)
+    return X, theta
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_exact_equals_one_process(problem, t, rounds):
+    X, theta = problem
+    c_ref, g_ref = cost_and_grad(theta, X, CFG)
+    with Master(workers=t, config=CFG, reducer_options={"rounds": rounds}) as master:
+        master.scatter(X)
+        assert sorted(w.rows for w in master._workers.values())[-1][1] == 1001
+        c, g = master(theta)
+    assert abs(c - c_ref) < 1e-10 * c_ref
+    assert np.linalg.norm(g - g_ref) < 1e-10 * np.linalg.norm(g_ref)
+
+
+def test_average_equals_the_serial_formula(problem):
+    X, theta = problem
+    with Master(workers=3, config=CFG, protocol="average") as master:
+        master.scatter(X)
+        ranges = [master._workers[i].rows for i in master._order]
+        c, g = master(theta)
+    shards = [ShardState(X[lo:hi], CFG) for lo, hi in ranges]
+    c_ref, g_ref = AverageReducer(CFG).evaluate(theta, serial_scatter(shards))
+    assert c == pytest.approx(c_ref, rel=1e-13)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-16)
+
+
+def test_scatter_images_is_the_same_data_set(images):
+    theta = init_params(CFG, seed=2)
+    X = sample_patches(images, 3000, seed=7)
+    with Master(workers=2, config=CFG) as master:
+        master.scatter_images(images, m=3000, seed=7)
+        c, g = master(theta)
+        result = master.fit(theta, maxiter=15)
+    c_ref, g_ref = cost_and_grad(theta, X, CFG)
+    assert abs(c - c_ref) < 1e-10 * c_ref
+    assert result.fun < 0.9 * c and result.nit == 15
+
+
+def test_evaluation_before_scatter_is_refused():
+    with Master(workers=1, config=CFG) as master:
+        with pytest.raises(ConfigError, match="scatter"):
+            master(init_params(CFG))
+
+
+def test_worker_error_carries_the_traceback(problem):
+    X, theta = problem
+    with Master(workers=1, config=CFG) as master:
+        master.scatter(X)
+        with pytest.raises(WorkerError, match=r"(?s)worker local#0 on .*failed.*Traceback"):
+            master._scatter_op("no_such_op", theta)
+        c, _ = master(theta)  # the worker goes on serving
+    assert c == pytest.approx(cost_and_grad(theta, X, CFG)[0], rel=1e-12)
+
+
+def test_rogue_client_is_answered_and_ignored(problem):
+    X, theta = problem
+    with Master(workers=1, config=CFG, curve=False) as master:
+        master.scatter(X)
+        ctx = zmq.Context.instance()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.linger = 0
+        rogue.connect(master.address)
+        try:
+            rogue.send_multipart([b"\x93garbage", b"x"])
+            rogue.send_multipart(encode(EVAL, 1, [theta], op="sums"))  # never said HELLO
+            c, _ = master(theta)
+            assert rogue.poll(5000)
+            assert decode(rogue.recv_multipart()).type == ERROR
+        finally:
+            rogue.close()
+    assert c == pytest.approx(cost_and_grad(theta, X, CFG)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("how", ["normal", "exception", "interrupt"])
+def test_exit_leaves_no_worker(problem, how):
+    X, _ = problem
+    pids = []
+    with pytest.raises((RuntimeError, KeyboardInterrupt)) if how != "normal" else _nothing():
+        with Master(workers=2, config=CFG) as master:
+            master.scatter(X[:10])
+            pids = [w.pid for w in master._workers.values()]
+            assert all(alive(p) for p in pids)
+            if how == "exception":
+                raise RuntimeError("boom")
+            if how == "interrupt":
+                raise KeyboardInterrupt
+    assert len(pids) == 2 and wait_gone(pids, 5) == []
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_dead_worker_is_noticed_not_waited_for(problem):
+    X, theta = problem
+    with Master(workers=2, config=CFG, worker_timeout=2.0) as master:
+        master.scatter(X)
+        victim = next(iter(master._workers.values()))
+        os.kill(victim.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost, match=victim.name):
+            master(theta)
+        assert time.monotonic() - t0 < 5
+
+
+def test_worker_exits_when_its_master_is_killed(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from qsae import Master
+        m = Master(workers=1, curve=False)
+        m.start()
+        print(list(m._workers.values())[0].pid, flush=True)
+        time.sleep(600)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pid = int(p.stdout.readline())
+        assert alive(pid)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(5)
+        # PDEATHSIG or the worker's own master timeout (10 s) ends it
+        assert wait_gone([pid], 15) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_hand_started_worker_with_master_timeout(tmp_path):
+    """A worker started by hand whose master never answers gives up by itself."""
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.ROUTER)
+    silent.linger = 0
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "qsae.worker", "--connect", f"tcp://127.0.0.1:{port}",
+                              "--master-timeout", "2"], stderr=subprocess.PIPE, text=True)
+        assert silent.poll(10000)
+        hello = decode(silent.recv_multipart()[1:])
+        assert hello.type == HELLO and hello["pid"] == p.pid
+        _, err = p.communicate(timeout=15)
+        assert p.returncode == 1 and "nothing heard from the master" in err
+    finally:
+        silent.close()
+
+
+def test_curve_refuses_null_and_unknown_keys(problem):
+    X, theta = problem
+    with Master(workers=1, config=CFG) as master:  # a launcher: CURVE on
+        assert master.curve
+        ctx = zmq.Context.instance()
+        null = ctx.socket(zmq.DEALER)
+        stranger = ctx.socket(zmq.DEALER)
+        pub, sec = zmq.curve_keypair()
+        server_public = master.server_public
+        stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = server_public, pub, sec
+        hello = encode(HELLO, name="intruder", host="x", pid=1, cores=64, version="0.1.0")
+        try:
+            for s in (null, stranger):
+                s.linger = 0
+                s.connect(master.address)
+                s.send_multipart(hello)
+            time.sleep(1.0)
+            master.scatter(X)
+            assert master.n_workers == 1 and {w.name for w in master._workers.values()} == {"local#0"}
+            assert not null.poll(200) and not stranger.poll(200)  # never answered either
+        finally:
+            null.close()
+            stranger.close()
