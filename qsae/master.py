@@ -42,7 +42,7 @@ from .errors import (
     WorkerLost,
 )
 from .model import SAEConfig
-from .protocol import EVAL, ERROR, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode
+from .protocol import EVAL, ERROR, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send
 from .reduce import make_reducer
 
 __all__ = ["Master"]
@@ -230,7 +230,7 @@ class Master:
 
     # ------------------------------------------------------------------ messages
     def _send(self, ident: bytes, type: str, round: int = 0, arrays=(), **fields) -> None:
-        self._sock.send_multipart([ident, *encode(type, round, arrays, **fields)], copy=False)
+        send(self._sock, encode(type, round, arrays, **fields), prefix=(ident,))
         if ident in self._workers:
             self._workers[ident].last_sent = time.monotonic()
 
@@ -372,11 +372,12 @@ class Master:
 
     def _scatter_op(self, op: str, arg: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Run ``op`` with ``arg`` on every shard: the ``scatter`` a reducer calls."""
-        r = self._next_round()
         arg = np.ascontiguousarray(arg, dtype=np.float64)
-        for ident in self._order:
-            self._send(ident, EVAL, r, [arg], op=op)
-        got = self._collect(self._order, r, RESULT)
+        with self._lock:  # re-entrant: __call__ already holds it; the keepalive thread must not send meanwhile
+            r = self._next_round()
+            for ident in self._order:
+                self._send(ident, EVAL, r, [arg], op=op)
+            got = self._collect(self._order, r, RESULT)
         out = []
         for ident in self._order:
             msg, w = got[ident], self._workers[ident]

@@ -40,6 +40,7 @@ __all__ = [
     "Message",
     "encode",
     "decode",
+    "send",
     "MAX_HEADER_BYTES",
     "MAX_ARRAY_BYTES",
 ]
@@ -89,6 +90,16 @@ def encode(type: str, round: int = 0, arrays: Sequence[np.ndarray] = (), **field
     arrays = [np.ascontiguousarray(a) for a in arrays]
     header = {"t": type, "v": VERSION, "r": round, "a": [[a.dtype.str, list(a.shape)] for a in arrays], **fields}
     return [msgpack.packb(header, use_bin_type=True), *(memoryview(a).cast("B") for a in arrays)]
+
+
+def send(sock: Any, frames: list, prefix: Sequence[bytes] = ()) -> None:
+    """Send ``encode``'s frames (after ``prefix``, e.g. a ROUTER's identity frame).
+
+    Zero-copy only pays for large messages: below 64 KB, pyzmq's bookkeeping for a
+    zero-copy frame costs more than copying the bytes.
+    """
+    big = sum(memoryview(f).nbytes for f in frames) > 65536
+    sock.send_multipart([*prefix, *frames], copy=not big)
 
 
 def _buffer(frame: Any) -> memoryview:

@@ -32,6 +32,21 @@ log = logging.getLogger("qsae.worker")
 INLINE_ROWS = 100_000  # shards up to this many rows are computed inline (< ~0.1 s a round)
 
 
+def _load_numerics() -> None:
+    """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
+    thread count once, when it loads). Binds them as module globals for the methods below."""
+    global np, __version__, ProtocolError, SAEConfig, OPS, ShardState, sample_patches
+    global decode, encode, send, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT, SHARD, STOP
+    import numpy as np
+
+    from . import __version__
+    from .data import sample_patches
+    from .errors import ProtocolError
+    from .model import SAEConfig
+    from .protocol import ERROR, EVAL, HELLO, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send
+    from .reduce import OPS, ShardState
+
+
 def _set_threads(threads: int) -> None:
     """One BLAS thread per worker (one worker per core); must run before numpy loads."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -45,6 +60,7 @@ class Worker:
                  heartbeat: float = 1.0, master_timeout: float = 10.0, threads: int = 1) -> None:
         import zmq
 
+        _load_numerics()
         self.threads = threads  # the cores it declares: shards are balanced by them
         self.name = name or f"{socket.gethostname()}#{os.getpid()}"
         self.heartbeat, self.master_timeout = heartbeat, master_timeout
@@ -63,13 +79,11 @@ class Worker:
 
     # -- sending
     def send(self, type: str, round: int = 0, arrays=(), **fields) -> None:
-        from .protocol import encode
 
-        self.sock.send_multipart(encode(type, round, arrays, **fields), copy=False)
+        send(self.sock, encode(type, round, arrays, **fields))
         self._last_sent = time.monotonic()
 
     def send_error(self, exc: BaseException, round: int = 0) -> None:
-        from .protocol import ERROR
 
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
         self.send(ERROR, round, etype=type(exc).__name__, message=str(exc)[:2000], traceback=tb,
@@ -78,8 +92,6 @@ class Worker:
     # -- the loop
     def run(self) -> int:
         """Serve until STOP (exit 0) or until the master is gone (exit 1)."""
-        from . import __version__
-        from .protocol import HELLO
 
         self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(),
                   cores=self.threads,
@@ -100,15 +112,12 @@ class Worker:
             self.ctx.term()
 
     def _tick(self, busy: bool) -> None:
-        from .protocol import PING
 
         if time.monotonic() - self._last_sent >= self.heartbeat:
             self.send(PING, busy=busy)
 
     def _handle(self, frames) -> bool:
         """Handle one message; True on STOP."""
-        from .errors import ProtocolError
-        from .protocol import EVAL, PING, PONG, SHARD, STOP, decode
 
         self._last_heard = time.monotonic()
         try:
@@ -131,7 +140,6 @@ class Worker:
         return False
 
     def _on_shard(self, msg) -> None:
-        from .protocol import READY
 
         try:
             self.state = None
@@ -143,7 +151,6 @@ class Worker:
                 self._chunks.extend(a.copy() for a in msg.arrays)  # copy: the frame buffer is zmq's
                 if msg["chunk"] + 1 < msg["chunks"]:
                     return
-                import numpy as np
 
                 X = np.concatenate(self._chunks) if self._chunks else np.empty((0, 0))
                 self._chunks = []
@@ -151,8 +158,6 @@ class Worker:
                 raise ValueError(f"unknown shard kind {msg['kind']!r}; expected 'images' or 'array'")
             if X.shape[0] != msg["hi"] - msg["lo"]:
                 raise ValueError(f"shard has {X.shape[0]} rows, expected {msg['hi'] - msg['lo']}")
-            from .model import SAEConfig
-            from .reduce import ShardState
 
             self.state = ShardState(X, SAEConfig.from_dict(msg["config"]))
             log.info("%s: holds rows %d..%d", self.name, msg["lo"], msg["hi"])
@@ -162,14 +167,11 @@ class Worker:
 
     @staticmethod
     def _cut_patches(msg):
-        from .data import sample_patches
 
         return sample_patches(msg.arrays, msg["m"], patch_size=msg["patch_size"], seed=msg["seed"],
                               lo=msg["lo"], hi=msg["hi"], sigma=msg["sigma"])
 
     def _on_eval(self, msg) -> None:
-        from .protocol import RESULT
-        from .reduce import OPS
 
         try:
             if self.state is None:
