@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exact: equal to the one-process cost; average: the report's approximation")
     where.add_argument("--accept-new-host-keys", action="store_true", help="trust SSH hosts not yet in known_hosts")
     where.add_argument("--min-workers", type=int, default=None, help="go on if at least this many workers start")
+    where.add_argument("--ssh-config", default="~/.ssh/config", help="OpenSSH client config for --hosts")
     data = p.add_argument_group("data")
     data.add_argument("--images", default="builtin",
                       help="'builtin' (ten images shipped with scikit-image), IMAGES.mat, .npy/.npz, or a folder of PNG/JPEG")
@@ -134,7 +135,7 @@ def _master(args: argparse.Namespace, cfg):
         from .launch import SSHLauncher, parse_hosts
 
         launcher = SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
-                               min_workers=args.min_workers)
+                               min_workers=args.min_workers, ssh_config=args.ssh_config)
         return Master(launcher=launcher, **options)
     if args.wait_for is not None:
         return Master(workers=0, wait_for=args.wait_for, **options)

@@ -19,24 +19,10 @@ from qsae.errors import ConfigError, WorkerError, WorkerLost
 from qsae.model import cost_and_grad
 from qsae.protocol import ERROR, EVAL, HELLO, decode, encode
 from qsae.reduce import AverageReducer, ShardState, serial_scatter
+from tests.procs import alive, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 CFG = SAEConfig()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie is as good as gone
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pids, seconds=10.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.05)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="module")
