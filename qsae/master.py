@@ -64,8 +64,15 @@ class WorkerInfo:
     cores: int
     last_heard: float
     last_sent: float = 0.0
-    rows: tuple[int, int] = (0, 0)  # the range it holds
-    results: dict = field(default_factory=dict)
+    ranges: list = field(default_factory=list)  # the (lo, hi) row ranges it holds
+
+
+class _Lost(Exception):
+    """Workers silent past the timeout during a round (internal: the master recovers)."""
+
+    def __init__(self, idents: list[bytes], round: int, want: str) -> None:
+        super().__init__(f"{len(idents)} workers lost in round {round}")
+        self.idents, self.round, self.want = idents, round, want
 
 
 class _AllowList:
@@ -123,6 +130,7 @@ class Master:
         self._workers: dict[bytes, WorkerInfo] = {}
         self._order: list[bytes] = []  # workers holding shards, in row order
         self._m = 0
+        self._source: dict = {}  # what was scattered, kept to re-send a lost worker's rows
         self._round = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -230,9 +238,18 @@ class Master:
 
     # ------------------------------------------------------------------ messages
     def _send(self, ident: bytes, type: str, round: int = 0, arrays=(), **fields) -> None:
-        send(self._sock, encode(type, round, arrays, **fields), prefix=(ident,))
-        if ident in self._workers:
-            self._workers[ident].last_sent = time.monotonic()
+        w = self._workers.get(ident)
+        try:
+            send(self._sock, encode(type, round, arrays, **fields), prefix=(ident,))
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            # its connection is gone (router_mandatory): a worker is lost at the next check
+            if w is not None:
+                w.last_heard = float("-inf")
+            return
+        if w is not None:
+            w.last_sent = time.monotonic()
 
     def _receive(self, timeout: float) -> list[tuple[WorkerInfo, object]]:
         """Receive what arrives within ``timeout`` s; handle control messages, return the rest."""
@@ -307,10 +324,13 @@ class Master:
 
     # ------------------------------------------------------------------ rounds
     def _collect(self, idents: list[bytes], round: int, want: str) -> dict[bytes, object]:
-        """One reply of type ``want`` for ``round`` from each of ``idents``."""
+        """One reply of type ``want`` for ``round`` from each of ``idents``.
+
+        Raises ``_Lost`` naming every worker silent for longer than ``worker_timeout``.
+        """
         got: dict[bytes, object] = {}
         while len(got) < len(idents):
-            for w, msg in self._receive(self.heartbeat):
+            for w, msg in self._receive(min(self.heartbeat, self.worker_timeout / 2)):
                 if msg.type == ERROR and msg.round in (round, 0):
                     raise WorkerError(f"worker {w.name} on {msg['host']} failed: {msg['etype']}: "
                                       f"{msg['message']}\n{msg['traceback']}")
@@ -319,42 +339,83 @@ class Master:
                     continue
                 got[w.ident] = msg
             now = time.monotonic()
-            for ident in idents:
-                w = self._workers[ident]
-                if ident not in got and now - w.last_heard > self.worker_timeout:
-                    raise WorkerLost(f"worker {w.name} (pid {w.pid} on {w.host}, rows {w.rows[0]}..{w.rows[1]}) "
-                                     f"silent for {now - w.last_heard:.1f} s in round {round} ({want} awaited)")
+            silent = [i for i in idents if i not in got and now - self._workers[i].last_heard > self.worker_timeout]
+            if silent:
+                raise _Lost(silent, round, want)
         return got
 
     def _next_round(self) -> int:
         self._round += 1
         return self._round
 
-    def _assign(self, m: int) -> list[tuple[bytes, int, int]]:
+    def _send_rows(self, r: int, ident: bytes, lo: int, hi: int, append: bool) -> None:
+        """SHARD message(s) giving ``ident`` rows lo..hi of the data set."""
+        src, cfg = self._source, self.config.to_dict()
+        if src["kind"] == "images":
+            self._send(ident, SHARD, r, src["images"], kind="images", config=cfg, lo=lo, hi=hi, m=self._m,
+                       patch_size=src["patch_size"], seed=src["seed"], sigma=src["sigma"], chunk=0, chunks=1,
+                       append=append)
+            return
+        X = src["X"]
+        per_chunk = max(1, min(CHUNK_BYTES, MAX_ARRAY_BYTES) // (8 * X.shape[1]))
+        n = max(1, -(-(hi - lo) // per_chunk))
+        for c in range(n):
+            a, b = lo + c * per_chunk, min(hi, lo + (c + 1) * per_chunk)
+            self._send(ident, SHARD, r, [X[a:b]], kind="array", config=cfg, lo=lo, hi=hi, m=self._m,
+                       patch_size=0, seed=0, sigma=0.0, chunk=c, chunks=n, append=append)
+
+    def _distribute(self, source: dict, m: int) -> None:
+        """Give every worker a range of the data set balanced by cores, and wait for READY."""
         from .data import shard_ranges
 
-        idents = list(self._workers)
-        ranges = shard_ranges(m, [self._workers[i].cores for i in idents])
-        for ident, (lo, hi) in zip(idents, ranges):
-            self._workers[ident].rows = (lo, hi)
-        self._order, self._m = idents, m
-        return [(i, lo, hi) for i, (lo, hi) in zip(idents, ranges)]
+        with self._lock:
+            self._source, self._m = source, m
+            self._order = list(self._workers)
+            ranges = shard_ranges(m, [self._workers[i].cores for i in self._order])
+            r = self._next_round()
+            for ident, (lo, hi) in zip(self._order, ranges):
+                self._workers[ident].ranges = [(lo, hi)]
+                self._send_rows(r, ident, lo, hi, append=False)
+            try:
+                self._collect(self._order, r, READY)
+            except _Lost as lost:
+                self._recover(lost)
+
+    def _recover(self, lost: "_Lost") -> None:
+        """Drop the lost workers and hand their ranges to the living, until all hold them."""
+        from .data import shard_ranges
+
+        while True:
+            orphans = []
+            for ident in lost.idents:
+                w = self._workers.pop(ident)
+                self._order.remove(ident)
+                orphans += w.ranges
+                log.error("worker %s (pid %d on %s) lost: silent for over %.1f s in round %d (%s awaited); "
+                          "its rows %s go to the others", w.name, w.pid, w.host, self.worker_timeout, lost.round,
+                          lost.want, ", ".join(f"{a}..{b}" for a, b in w.ranges))
+            if not self._order:
+                raise WorkerLost(f"every worker is lost (the last in round {lost.round}); nothing can compute the "
+                                 "cost: check the workers' logs, then resume the run from its checkpoint")
+            r = self._next_round()
+            cores = [self._workers[i].cores for i in self._order]
+            for lo, hi in orphans:
+                for ident, (a, b) in zip(self._order, shard_ranges(hi - lo, cores)):
+                    if b > a:
+                        self._workers[ident].ranges.append((lo + a, lo + b))
+                        self._send_rows(r, ident, lo + a, lo + b, append=True)
+            try:
+                self._collect(self._order, r, READY)
+                return
+            except _Lost as again:
+                lost = again
 
     def scatter(self, X: np.ndarray) -> None:
         """Send each worker its rows of X (in chunks) and wait until all hold them."""
         X = np.ascontiguousarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.config.n_visible:
             raise ConfigError(f"X has shape {X.shape}; the model needs (m, {self.config.n_visible})")
-        per_chunk = max(1, min(CHUNK_BYTES, MAX_ARRAY_BYTES) // (8 * X.shape[1]))
-        with self._lock:
-            r = self._next_round()
-            for ident, lo, hi in self._assign(X.shape[0]):
-                n = max(1, -(-(hi - lo) // per_chunk))
-                for c in range(n):
-                    a, b = lo + c * per_chunk, min(hi, lo + (c + 1) * per_chunk)
-                    self._send(ident, SHARD, r, [X[a:b]], kind="array", config=self.config.to_dict(), lo=lo, hi=hi,
-                               m=X.shape[0], patch_size=0, seed=0, sigma=0.0, chunk=c, chunks=n)
-            self._collect(self._order, r, READY)
+        self._distribute({"kind": "array", "X": X}, X.shape[0])
 
     def scatter_images(self, images, m: int, patch_size: int = 8, seed: int = 0) -> None:
         """Send the (prepared) images to every worker; each cuts its own rows of the patch set."""
@@ -363,12 +424,8 @@ class Master:
         check_patches_match(patch_size, self.config.n_visible)
         images = [np.ascontiguousarray(img, dtype=np.float64) for img in images]
         sigma = patch_sigma(images, patch_size, seed)  # once here, so every worker normalises alike
-        with self._lock:
-            r = self._next_round()
-            for ident, lo, hi in self._assign(m):
-                self._send(ident, SHARD, r, images, kind="images", config=self.config.to_dict(), lo=lo, hi=hi, m=m,
-                           patch_size=patch_size, seed=seed, sigma=sigma, chunk=0, chunks=1)
-            self._collect(self._order, r, READY)
+        self._distribute({"kind": "images", "images": images, "patch_size": patch_size, "seed": seed,
+                          "sigma": sigma}, m)
 
     def _scatter_op(self, op: str, arg: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Run ``op`` with ``arg`` on every shard: the ``scatter`` a reducer calls."""
@@ -383,18 +440,26 @@ class Master:
             msg, w = got[ident], self._workers[ident]
             vec = msg.arrays[0]
             if not np.isfinite(vec).all():
-                raise NumericalError(f"worker {w.name} (rows {w.rows[0]}..{w.rows[1]}) returned NaN or Inf "
-                                     f"in round {r} ({op})")
+                raise NumericalError(f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round {r} "
+                                     f"({op}); the run stops here with the last good θ saved")
             out.append((msg["rows"], vec))
         return out
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """Cost and gradient at θ over the whole data set: the f(θ) of scipy.optimize."""
+        """Cost and gradient at θ over the whole data set: the f(θ) of scipy.optimize.
+
+        A worker lost during the evaluation has its rows handed to the others and the whole
+        evaluation runs again, so the optimizer never sees a partial sum.
+        """
         if not self._order:
             raise ConfigError("no data on the workers: call master.scatter(X) or master.scatter_images(...) first")
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         with self._lock:
-            return self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / len(self._order))
+            while True:
+                try:
+                    return self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / len(self._order))
+                except _Lost as lost:
+                    self._recover(lost)
 
     def fit(self, theta0: np.ndarray | None = None, method: str = "lbfgs", maxiter: int = 400, callback=None,
             seed: int = 0, **options):

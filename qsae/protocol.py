@@ -13,7 +13,7 @@ Message types (direction, fields, arrays):
 
     HELLO   w→m  name, host, pid, cores, version              —
     SHARD   m→w  config, kind ("images" | "array"), lo, hi, m, patch_size, seed, sigma,
-                 chunk, chunks                                 images or a chunk of rows
+                 chunk, chunks, append (add to the rows held)  images or a chunk of rows
     READY   w→m  rows                                          —
     EVAL    m→w  op (a key of reduce.OPS)                      the argument vector
     RESULT  w→m  rows                                          the result vector
@@ -60,7 +60,7 @@ _STR, _INT, _NUM, _BOOL, _DICT = str, int, (int, float), bool, dict
 SCHEMA: dict[str, dict[str, Any]] = {
     HELLO: {"name": _STR, "host": _STR, "pid": _INT, "cores": _INT, "version": _STR},
     SHARD: {"config": _DICT, "kind": _STR, "lo": _INT, "hi": _INT, "m": _INT, "patch_size": _INT,
-            "seed": _INT, "sigma": _NUM, "chunk": _INT, "chunks": _INT},
+            "seed": _INT, "sigma": _NUM, "chunk": _INT, "chunks": _INT, "append": _BOOL},
     READY: {"rows": _INT},
     EVAL: {"op": _STR},
     RESULT: {"rows": _INT},

@@ -140,9 +140,7 @@ class Worker:
         return False
 
     def _on_shard(self, msg) -> None:
-
         try:
-            self.state = None
             if msg["kind"] == "images":
                 X = self._cut_patches(msg)
             elif msg["kind"] == "array":
@@ -151,23 +149,24 @@ class Worker:
                 self._chunks.extend(a.copy() for a in msg.arrays)  # copy: the frame buffer is zmq's
                 if msg["chunk"] + 1 < msg["chunks"]:
                     return
-
                 X = np.concatenate(self._chunks) if self._chunks else np.empty((0, 0))
                 self._chunks = []
             else:
                 raise ValueError(f"unknown shard kind {msg['kind']!r}; expected 'images' or 'array'")
             if X.shape[0] != msg["hi"] - msg["lo"]:
                 raise ValueError(f"shard has {X.shape[0]} rows, expected {msg['hi'] - msg['lo']}")
-
+            held, self.state = self.state, None  # a failed shard leaves the worker with none, never a stale one
+            if msg["append"] and held is not None:  # a lost worker's rows, added to ours
+                X = np.concatenate([held.X, X])
             self.state = ShardState(X, SAEConfig.from_dict(msg["config"]))
-            log.info("%s: holds rows %d..%d", self.name, msg["lo"], msg["hi"])
+            log.info("%s: %s rows %d..%d, holds %d rows", self.name, "added" if msg["append"] else "holds",
+                     msg["lo"], msg["hi"], self.state.m)
             self.send(READY, msg.round, rows=self.state.m)
         except Exception as e:  # a bad shard is reported; the worker keeps serving
             self.send_error(e, msg.round)
 
     @staticmethod
     def _cut_patches(msg):
-
         return sample_patches(msg.arrays, msg["m"], patch_size=msg["patch_size"], seed=msg["seed"],
                               lo=msg["lo"], hi=msg["hi"], sigma=msg["sigma"])
 

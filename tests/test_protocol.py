@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(30)
 GOOD = {
     HELLO: dict(name="w#0", host="h", pid=1, cores=2, version="0.1.0"),
     SHARD: dict(config={"n_hidden": 30}, kind="images", lo=0, hi=10, m=10, patch_size=8, seed=0, sigma=0.5,
-                chunk=0, chunks=1),
+                chunk=0, chunks=1, append=False),
     READY: dict(rows=10),
     EVAL: dict(op="sums"),
     RESULT: dict(rows=10),
