@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--port", type=int, default=0, help="port the master binds (default: any free port)")
     where.add_argument("--protocol", choices=("exact", "average"), default="exact",
                        help="exact: equal to the one-process cost; average: the report's approximation")
+    where.add_argument("--keys", default=None, help="CURVE key directory for hand-started workers (see --make-keys)")
+    where.add_argument("--make-keys", default=None, metavar="DIR",
+                       help="write a server and a worker key pair to DIR and exit")
+    where.add_argument("--insecure", action="store_true", help="no CURVE encryption or authentication (warns)")
     where.add_argument("--accept-new-host-keys", action="store_true", help="trust SSH hosts not yet in known_hosts")
     where.add_argument("--min-workers", type=int, default=None, help="go on if at least this many workers start")
     where.add_argument("--ssh-config", default="~/.ssh/config", help="OpenSSH client config for --hosts")
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iters", type=int, default=400, help="optimizer iterations")
     run.add_argument("--seed", type=int, default=0, help="seed of the patches and the initial weights")
     run.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
+    run.add_argument("--resume", type=Path, default=None,
+                     help="continue the run in DIR from its model.npz (same data and model; --iters counts all)")
     run.add_argument("--checkpoint-every", type=int, default=10, help="iterations between checkpoints of model.npz")
     run.add_argument("--threads", type=int, default=1,
                      help="BLAS threads of the master's own arithmetic (--local) and of each worker")
@@ -93,15 +99,26 @@ def _data_spec(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .data import DataSpec
     from .model import cost_and_grad, init_params
-    from .train import RunSpec, train
+    from .train import RunSpec, load_model, train
 
-    cfg = _config(args)
-    spec_data = _data_spec(args)
-    theta0 = init_params(cfg, seed=args.seed)
+    if args.resume is not None:
+        theta0, cfg, meta = load_model(args.resume / "model.npz")
+        spec_data, done = DataSpec.from_dict(meta["data"]), int(meta["iteration"])
+        args.optimizer, args.out = meta.get("optimizer", args.optimizer), args.resume
+        if done >= args.iters:
+            print(f"{args.resume} already has {done} iterations (--iters {args.iters}): nothing to do")
+            return 0
+        print(f"resuming {args.resume} at iteration {done} with {args.optimizer}"
+              + ("; L-BFGS starts with an empty memory (its curvature pairs are not saved)"
+                 if args.optimizer == "lbfgs" else ""))
+    else:
+        cfg, spec_data, done = _config(args), _data_spec(args), 0
+        theta0 = init_params(cfg, seed=args.seed)
     echo = (lambda s: None) if args.quiet else print
-    spec = RunSpec(config=cfg, data=spec_data.to_dict(), method=args.optimizer, maxiter=args.iters,
-                   out=args.out, checkpoint_every=args.checkpoint_every)
+    spec = RunSpec(config=cfg, data=spec_data.to_dict(), method=args.optimizer, maxiter=args.iters - done,
+                   out=args.out, checkpoint_every=args.checkpoint_every, start_iteration=done)
     needs_local_X = args.local or args.optimizer == "sgd"
     X = spec_data.build() if needs_local_X else None
     if args.optimizer == "sgd":
@@ -128,7 +145,9 @@ def _exit_status(result) -> int:
 def _master(args: argparse.Namespace, cfg):
     from .master import Master
 
-    options = dict(config=cfg, protocol=args.protocol, port=args.port)
+    options = dict(config=cfg, protocol=args.protocol, port=args.port, keys=args.keys)
+    if args.insecure:
+        options["curve"] = False
     if args.bind:
         options["bind"] = args.bind
     if args.hosts is not None:
@@ -149,9 +168,18 @@ def master_main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, str(args.threads))  # before numpy loads: one core per process
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
+        if args.make_keys:
+            from .keys import make_keys
+
+            d = make_keys(args.make_keys)
+            print(f"wrote {d}/server.key(_secret) and {d}/worker.key(_secret); copy {d} to every node, then\n"
+                  f"  qsae-master --wait-for N --bind 0.0.0.0 --port PORT --keys {d}\n"
+                  f"  qsae-worker --connect tcp://MASTER:PORT --keys {d}")
+            return 0
         return _run(args)
     except QsaeError as e:
-        print(f"qsae-master: error: {e}", file=sys.stderr)
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
+        print(f"qsae-master: error: {e}{notes}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qsae-master: interrupted", file=sys.stderr)

@@ -97,8 +97,10 @@ class Master:
     launcher : any ``qsae.launch.Launcher`` (e.g. an ``SSHLauncher``).
     wait_for : how many hand-started workers to wait for.
     bind, port : where the ROUTER binds (default: the launcher's suggestion, any free port).
-    curve : encrypt and authenticate with CURVE (default: on when a launcher starts the
-        workers, since it can hand them keys; hand-started workers run without).
+    curve : encrypt and authenticate with CURVE (default on; off only when asked, with a
+        warning at every start). Launched workers get keys made for this run.
+    keys : key directory from ``qsae.keys.make_keys`` (``qsae-master --make-keys``) for
+        hand-started workers.
     heartbeat : seconds between PINGs.
     worker_timeout : seconds of silence after which a worker is lost.
     start_timeout : seconds to wait for every worker's HELLO.
@@ -107,7 +109,7 @@ class Master:
 
     def __init__(self, workers: int | None = None, config: SAEConfig | None = None, protocol: str = "exact", *,
                  launcher=None, wait_for: int | None = None, bind: str | None = None, port: int = 0,
-                 curve: bool | None = None, heartbeat: float = 1.0, worker_timeout: float = 5.0,
+                 curve: bool | None = None, keys: str | None = None, heartbeat: float = 1.0, worker_timeout: float = 5.0,
                  start_timeout: float = 60.0, reducer_options: dict | None = None) -> None:
         self.config = config or SAEConfig()
         self.reducer = make_reducer(protocol, self.config, **(reducer_options or {}))
@@ -120,10 +122,11 @@ class Master:
         if self.expected < 1:
             raise ConfigError("no workers: give workers=N, a launcher, or wait_for=N for hand-started workers")
         self.bind, self.port = bind, port
-        self.curve = (launcher is not None) if curve is None else curve
-        if self.curve and launcher is None:
-            raise ConfigError("curve=True needs a launcher to hand the workers their keys; hand-started workers "
-                              "run with curve=False for now")
+        self.keys = keys
+        self.curve = True if curve is None else curve  # secure unless asked not to be
+        if self.curve and launcher is None and keys is None:
+            raise ConfigError("hand-started workers need CURVE keys: run `qsae-master --make-keys DIR`, copy DIR to "
+                              "every node, and pass --keys DIR to the master and each qsae-worker (or --insecure)")
         self.heartbeat, self.worker_timeout, self.start_timeout = heartbeat, worker_timeout, start_timeout
         self.address: str | None = None
         self.server_public: bytes | None = None
@@ -171,21 +174,27 @@ class Master:
             from zmq.auth.thread import ThreadAuthenticator
 
             allow = _AllowList()
+            if self.keys is not None:  # hand-started workers: keys from `qsae-master --make-keys DIR`
+                from .keys import load_server_keys
+
+                server_public, server_secret, allow.keys = load_server_keys(self.keys)
+            else:
+                server_public, server_secret = zmq.curve_keypair()
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("qsae.auth"))
             self._auth.start()
             self._auth.configure_curve_callback(domain="*", credentials_provider=allow)
-            server_public, server_secret = zmq.curve_keypair()
             self.server_public = server_public  # z85; workers need it to connect
             sock.curve_server = True  # before bind
             sock.curve_secretkey = server_secret
             sock.curve_publickey = server_public
-            for _ in range(self.launcher.n_workers):
-                public, secret = zmq.curve_keypair()
+            for _ in range(self.launcher.n_workers if self.launcher is not None else 0):
+                public, secret = zmq.curve_keypair()  # one pair per launched worker, handed over its channel
                 allow.keys.add(public)
                 worker_keys.append({"server_public": server_public.decode(), "public": public.decode(),
                                     "secret": secret.decode()})
         else:
-            log.warning("running without encryption: anyone who can reach the master's port can join")
+            log.warning("running WITHOUT encryption (insecure): anyone who can reach the master's port can join "
+                        "and read the weights")
         host = self.bind or (self.launcher.bind_address() if self.launcher is not None else "127.0.0.1")
         if self.port:
             sock.bind(f"tcp://{host}:{self.port}")

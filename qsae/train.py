@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import QsaeError
 from .model import SAEConfig
 
 __all__ = ["RunSpec", "save_model", "load_model", "train"]
@@ -44,6 +45,7 @@ class RunSpec:
     maxiter: int = 400  # optimizer iterations
     out: Path = Path("runs/latest")  # output directory
     checkpoint_every: int = 10  # iterations between model.npz checkpoints
+    start_iteration: int = 0  # > 0 when resuming: iterations already done (history is appended)
     options: dict = field(default_factory=dict)  # extra optimizer options (sgd's sampler, ...)
 
 
@@ -93,8 +95,9 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     hist_path = out / "history.jsonl"
-    hist_file = open(hist_path, "w")
-    best = {"theta": np.array(theta0, dtype=float), "iteration": 0}
+    k0 = spec.start_iteration
+    hist_file = open(hist_path, "a" if k0 else "w")
+    best = {"theta": np.array(theta0, dtype=float), "iteration": k0}
     terminated = []
 
     def checkpoint(theta: np.ndarray, iteration: int, finished: bool) -> None:
@@ -104,7 +107,9 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
         )
 
     def on_iteration(info) -> None:
-        it, cost, gnorm, secs = info.iteration, info.cost, info.grad_norm, info.seconds
+        if k0 and info.iteration == 0:
+            return  # the resumed start point is the checkpoint's last line already
+        it, cost, gnorm, secs = k0 + info.iteration, info.cost, info.grad_norm, info.seconds
         best["theta"], best["iteration"] = np.array(info.x, dtype=float), it
         echo(f"iter {it:5d}  cost {cost:.8f}  |grad| {gnorm:.3e}  {secs:8.2f} s")
         hist_file.write(json.dumps({"iteration": it, "seconds": secs, "cost": cost, "grad_norm": gnorm}) + "\n")
@@ -121,13 +126,18 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
     t0 = time.perf_counter()
     try:
         result = minimize(objective, theta0, method=spec.method, maxiter=spec.maxiter, callback=on_iteration, **spec.options)
+    except QsaeError as e:  # NaN from a worker, every worker lost, ...: keep the last good θ
+        checkpoint(best["theta"], best["iteration"], False)
+        e.add_note(f"the last good θ (iteration {best['iteration']}) is saved in {out / 'model.npz'}; "
+                   f"continue with --resume {out}")
+        raise
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
         hist_file.close()
     if terminated:
         result.message = "stopped by SIGTERM"
-    checkpoint(result.x, result.nit, result.success)
+    checkpoint(result.x, k0 + result.nit, result.success)
     _pictures(out, result, spec.config)
     print(f"{result.message}: {result.nit} iterations, {result.nfev} evaluations, cost {result.fun:.8f}, "
          f"{time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, history.jsonl")

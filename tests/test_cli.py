@@ -70,3 +70,35 @@ def test_bad_input_is_a_clear_error(tmp_path, args, words):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 2
     assert words in err and "Traceback" not in err
+
+
+def test_resume_after_kill_9_of_the_master(tmp_path):
+    """SIGKILL the master mid-run; --resume finishes near an uninterrupted run's cost.
+
+    L-BFGS restarts with an empty memory on resume, so the paths differ; a restart costs a
+    few iterations of progress, hence the 2% tolerance on a cost still falling ~1% an
+    iteration at this stage.
+    """
+    common = ["--workers", "2", "--patches", "3000", "--iters", "80", "--checkpoint-every", "5", "-q"]
+    whole = master(*common, "--out", str(tmp_path / "whole"))
+    assert whole.wait(100) == 0, whole.stderr.read()
+    run = tmp_path / "killed"
+    p = master(*common, "--out", str(run))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait for a checkpoint past iteration 20
+        if (run / "model.npz").exists() and load_model(run / "model.npz")[2]["iteration"] >= 20:
+            break
+        time.sleep(0.05)
+    p.kill()
+    p.wait(10)
+    done = load_model(run / "model.npz")[2]["iteration"]
+    assert 20 <= done < 80
+    r = master(*common[:-1], "--resume", str(run))
+    out, err = r.communicate(timeout=100)
+    assert r.returncode == 0, err
+    assert f"resuming {run} at iteration {done}" in out and "empty memory" in out
+    theta, cfg, meta = load_model(run / "model.npz")
+    assert meta["iteration"] == 80 and meta["data"]["m"] == 3000
+    final = json.loads((tmp_path / "whole" / "history.jsonl").read_text().splitlines()[-1])["cost"]
+    resumed = cost_and_grad(theta, DataSpec.from_dict(meta["data"]).build(), cfg)[0]
+    assert resumed <= final * 1.02

@@ -231,3 +231,34 @@ def test_curve_refuses_null_and_unknown_keys(problem):
         finally:
             null.close()
             stranger.close()
+
+
+def test_hand_started_workers_with_a_key_directory(problem, tmp_path):
+    from qsae.keys import make_keys
+    from tests.sshd import free_port
+
+    X, theta = problem
+    keys = make_keys(tmp_path / "keys")
+    other = make_keys(tmp_path / "other")  # keys the master never saw
+    port = free_port()
+    cmd = [sys.executable, "-m", "qsae.worker", "--connect", f"tcp://127.0.0.1:{port}", "--master-timeout", "5"]
+    good = [subprocess.Popen([*cmd, "--keys", str(keys)]) for _ in range(2)]
+    bad = subprocess.Popen([*cmd, "--keys", str(other)])
+    try:
+        with Master(workers=0, wait_for=2, port=port, keys=str(keys), config=CFG) as master:
+            assert master.curve and master.n_workers == 2
+            assert {w.pid for w in master._workers.values()} == {p.pid for p in good}
+            master.scatter(X)
+            c, _ = master(theta)
+        assert c == pytest.approx(cost_and_grad(theta, X, CFG)[0], rel=1e-12)
+        for p in good:
+            assert p.wait(10) == 0  # STOP ends them
+    finally:
+        for p in (*good, bad):
+            p.kill()
+            p.wait()
+
+
+def test_hand_started_workers_need_keys_or_insecure():
+    with pytest.raises(ConfigError, match="--make-keys"):
+        Master(workers=0, wait_for=1)
