@@ -24,26 +24,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from qsae.model import BLOCK_ROWS, SAEConfig, cost_and_grad, init_params  # noqa: E402
-
-
-def textbook_cost_and_grad(theta, X, cfg):
-    """The UFLDL exercise's sparseAutoencoderCost written plainly in numpy (the reference)."""
-    n, h, m = cfg.n_visible, cfg.n_hidden, X.shape[0]
-    W1 = theta[: h * n].reshape(h, n)
-    W2 = theta[h * n : 2 * h * n].reshape(n, h)
-    b1 = theta[2 * h * n : 2 * h * n + h]
-    b2 = theta[2 * h * n + h :]
-    lam, beta, rho = cfg.weight_decay, cfg.sparsity_weight, cfg.sparsity_target
-    a2 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
-    a3 = 1 / (1 + np.exp(-(a2 @ W2.T + b2)))
-    p = a2.mean(axis=0)
-    kl = np.sum(rho * np.log(rho / p) + (1 - rho) * np.log((1 - rho) / (1 - p)))
-    cost = np.sum((a3 - X) ** 2) / (2 * m) + lam / 2 * (np.sum(W1**2) + np.sum(W2**2)) + beta * kl
-    d3 = (a3 - X) * a3 * (1 - a3)
-    d2 = (d3 @ W2 + beta * (-rho / p + (1 - rho) / (1 - p))) * a2 * (1 - a2)
-    gW1 = d2.T @ X / m + lam * W1
-    gW2 = d3.T @ a2 / m + lam * W2
-    return cost, np.concatenate([gW1.ravel(), gW2.ravel(), d2.mean(axis=0), d3.mean(axis=0)])
+from qsae.reference import textbook_cost_and_grad  # noqa: E402
 
 
 def products_only(theta, X, cfg):

@@ -122,12 +122,12 @@ class ExactReducer(Reducer):
 
     name = "exact"
 
-    def __init__(self, config: SAEConfig, rounds: int | None = None, two_round_from: int = 20_000) -> None:
+    def __init__(self, config: SAEConfig, rounds: int | None = None, two_round_from: int = 5_000) -> None:
         super().__init__(config)
         if rounds not in (None, 1, 2):
             raise ConfigError(f"rounds={rounds!r}: the exact protocol takes 1 or 2 rounds (or None to choose)")
         self.rounds = rounds
-        self.two_round_from = two_round_from  # rows per shard from which two rounds are faster
+        self.two_round_from = two_round_from  # rows per shard from which two rounds were faster (bench_runtime.py)
 
     def rounds_for(self, rows_per_shard: float) -> int:
         """How many rounds to use for shards of this size."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qsae.errors import ConfigError, DataError
+from qsae.reference import textbook_cost_and_grad as textbook
 from qsae.model import (
     SAEConfig,
     Sums,
@@ -18,25 +19,6 @@ from qsae.model import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def textbook(theta, X, cfg):
-    """A second, plain implementation (UFLDL's sparseAutoencoderCost) to check against."""
-    n, h, m = cfg.n_visible, cfg.n_hidden, X.shape[0]
-    W1 = theta[: h * n].reshape(h, n)
-    W2 = theta[h * n : 2 * h * n].reshape(n, h)
-    b1, b2 = theta[2 * h * n : 2 * h * n + h], theta[2 * h * n + h :]
-    lam, beta, rho = cfg.weight_decay, cfg.sparsity_weight, cfg.sparsity_target
-    a2 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
-    a3 = 1 / (1 + np.exp(-(a2 @ W2.T + b2)))
-    p = a2.mean(axis=0)
-    kl = np.sum(rho * np.log(rho / p) + (1 - rho) * np.log((1 - rho) / (1 - p)))
-    cost = np.sum((a3 - X) ** 2) / (2 * m) + lam / 2 * (np.sum(W1**2) + np.sum(W2**2)) + beta * kl
-    d3 = (a3 - X) * a3 * (1 - a3)
-    d2 = (d3 @ W2 + beta * (-rho / p + (1 - rho) / (1 - p))) * a2 * (1 - a2)
-    grad = np.concatenate([(d2.T @ X / m + lam * W1).ravel(), (d3.T @ a2 / m + lam * W2).ravel(),
-                           d2.mean(axis=0), d3.mean(axis=0)])
-    return cost, grad
 
 
 def problem(cfg, m, seed=0):

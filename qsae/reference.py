@@ -1,0 +1,32 @@
+"""The textbook sparse-autoencoder cost: UFLDL's sparseAutoencoderCost written plainly.
+
+Kept apart from ``qsae.model`` on purpose: it shares no code with the fast version, so the
+tests can check one against the other, and the benchmark times the fast one against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import SAEConfig
+
+__all__ = ["textbook_cost_and_grad"]
+
+
+def textbook_cost_and_grad(theta: np.ndarray, X: np.ndarray, cfg: SAEConfig) -> tuple[float, np.ndarray]:
+    """J(θ) and its gradient on X (m, n), one full-size numpy array per intermediate."""
+    n, h, m = cfg.n_visible, cfg.n_hidden, X.shape[0]
+    W1 = theta[: h * n].reshape(h, n)
+    W2 = theta[h * n : 2 * h * n].reshape(n, h)
+    b1, b2 = theta[2 * h * n : 2 * h * n + h], theta[2 * h * n + h :]
+    lam, beta, rho = cfg.weight_decay, cfg.sparsity_weight, cfg.sparsity_target
+    a2 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
+    a3 = 1 / (1 + np.exp(-(a2 @ W2.T + b2)))
+    p = a2.mean(axis=0)
+    kl = np.sum(rho * np.log(rho / p) + (1 - rho) * np.log((1 - rho) / (1 - p)))
+    cost = np.sum((a3 - X) ** 2) / (2 * m) + lam / 2 * (np.sum(W1**2) + np.sum(W2**2)) + beta * kl
+    d3 = (a3 - X) * a3 * (1 - a3)
+    d2 = (d3 @ W2 + beta * (-rho / p + (1 - rho) / (1 - p))) * a2 * (1 - a2)
+    grad = np.concatenate([(d2.T @ X / m + lam * W1).ravel(), (d3.T @ a2 / m + lam * W2).ravel(),
+                           d2.mean(axis=0), d3.mean(axis=0)])
+    return float(cost), grad
