@@ -90,13 +90,15 @@ class Worker:
                   host=f"{socket.gethostname()} ({self.name})")
 
     # -- the loop
+    def hello(self) -> None:
+        """Say who we are; the master registers us (again, after it had dropped us)."""
+        self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(), cores=self.threads,
+                  version=__version__)
+        log.info("%s: said HELLO", self.name)
+
     def run(self) -> int:
         """Serve until STOP (exit 0) or until the master is gone (exit 1)."""
-
-        self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(),
-                  cores=self.threads,
-                  version=__version__)
-        log.info("%s: connected, said HELLO", self.name)
+        self.hello()
         try:
             while True:
                 if self.sock.poll(int(self.heartbeat * 1000)):
@@ -135,6 +137,10 @@ class Worker:
             self._on_shard(msg)
         elif msg.type == EVAL:
             self._on_eval(msg)
+        elif msg.type == ERROR:
+            log.warning("%s: the master says: %s", self.name, msg["message"])
+            if "never said HELLO" in msg["message"]:  # dropped while unreachable: join again
+                self.hello()
         elif msg.type != PONG:
             self.send_error(ProtocolError(f"a worker does not take {msg.type} messages"), msg.round)
         return False
