@@ -102,3 +102,15 @@ def test_resume_after_kill_9_of_the_master(tmp_path):
     final = json.loads((tmp_path / "whole" / "history.jsonl").read_text().splitlines()[-1])["cost"]
     resumed = cost_and_grad(theta, DataSpec.from_dict(meta["data"]).build(), cfg)[0]
     assert resumed <= final * 1.02
+
+
+def test_workers_follow_local_on_the_same_patches(tmp_path):
+    runs = {}
+    for mode in (["--local"], ["--workers", "2"]):
+        out = tmp_path / mode[0].strip("-")
+        p = master(*mode, "--patches", "4000", "--iters", "20", "--seed", "2", "--out", str(out), "-q")
+        _, err = p.communicate(timeout=100)
+        assert p.returncode == 0, err
+        runs[mode[0]] = [json.loads(ln)["cost"] for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert len(runs["--local"]) == 21
+    np.testing.assert_allclose(runs["--workers"], runs["--local"], rtol=1e-9)
