@@ -133,7 +133,9 @@ def test_parse_hosts_good(tmp_path):
 def test_shipped_hosts_files_parse():
     root = Path(__file__).resolve().parent.parent / "hosts"
     assert parse_hosts(root / "localhost.txt")
-    assert parse_hosts(root / "yggdrasil.txt")
+    ygg = parse_hosts(root / "yggdrasil.txt")
+    assert [h.host for h in ygg] == [f"yggdrasil{i}" for i in range(1, 5)]
+    assert [h.workers for h in ygg] == [4] * 4 and ygg[3].port == 2222
 
 
 @pytest.mark.parametrize("line, expected", [

@@ -1,0 +1,257 @@
+"""Local workers: subprocesses that die with the master (Linux PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import ctypes.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import ConfigError, LaunchError
+
+from .base import WORKER_ARGS, Launcher, WorkerConfig, _blas_env, _json_line, _live_launchers, _Worker, _worker_message, log
+
+# --------------------------------------------------------------------------------------
+# Local workers
+# --------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+        prctl.restype = ctypes.c_int
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        return prctl
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+_prctl = _load_prctl()  # resolved here, in the parent: the child only calls it
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so every worker is
+# forked from this one long-lived thread rather than from the caller's (maybe short-lived) one.
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsae-launch-spawn")
+
+
+def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
+    prctl = _prctl
+
+    def preexec() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the master died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _qsae_root() -> str:
+    """The directory that holds the ``qsae`` package this process imported."""
+    return str(Path(__file__).resolve().parents[2])  # qsae/launch/local.py -> the folder holding qsae/
+
+
+class LocalLauncher(Launcher):
+    """Workers as child processes of this one.
+
+    Parameters
+    ----------
+    n : int
+        Number of workers (>= 1).
+    python : str
+        The interpreter; default the one running the master.
+    env : dict, optional
+        Extra environment variables for the workers, on top of a copy of ``os.environ``.
+        ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` are set to
+        the worker's ``threads`` (default 1), ``PYTHONUNBUFFERED=1``, and ``PYTHONPATH`` is
+        prefixed with the directory of this qsae so the workers import the same code.
+    args : sequence of str
+        What follows ``python`` on the command line; default ``-m qsae.worker --stdin``
+        (tests pass a stand-in worker script).
+
+    Notes
+    -----
+    On Linux every worker gets ``PR_SET_PDEATHSIG = SIGTERM``, so it dies with the master
+    even if the master is killed with SIGKILL. Workers stay in the master's process group,
+    so a Ctrl-C in the terminal reaches them too.
+    """
+
+    def __init__(self, n: int, python: str = sys.executable, env: Mapping[str, str] | None = None,
+                 args: Sequence[str] = WORKER_ARGS) -> None:
+        super().__init__()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"LocalLauncher(n={n!r}): expected a whole number of workers >= 1")
+        self._n = n
+        self.python = python
+        self.env = dict(env or {})
+        self.args = tuple(args)
+        self._prepared = False
+
+    @property
+    def n_workers(self) -> int:
+        return self._n
+
+    def prepare(self) -> None:
+        """Check that ``python`` runs and imports qsae at this version.
+
+        Raises
+        ------
+        LaunchError
+            The interpreter is missing or does not import this qsae.
+        """
+        if self._prepared:
+            return
+        script = "import qsae, sys; sys.stdout.write(qsae.__version__)"
+        try:
+            r = subprocess.run([self.python, "-c", script], env=self._env(1), stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=60)
+        except FileNotFoundError:
+            raise LaunchError(f"local workers: python {self.python!r} not found: pass an existing interpreter "
+                              f"(python=sys.executable by default)") from None
+        except PermissionError:
+            raise LaunchError(f"local workers: python {self.python!r} is not executable: fix its permissions "
+                              f"or pass another interpreter") from None
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"local workers: {self.python} -c 'import qsae' did not finish in 60 s: "
+                              f"check that interpreter") from None
+        if r.returncode != 0:
+            err = r.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise LaunchError(f"local workers: {self.python} cannot import qsae ({err[-1] if err else r.returncode}): "
+                              f"pip install -e . in that environment, or pass another python")
+        self._prepared = True
+
+    def bind_address(self) -> str:
+        return "127.0.0.1"
+
+    def _env(self, threads: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(_blas_env(threads))
+        env["PYTHONUNBUFFERED"] = "1"
+        root = _qsae_root()
+        parts = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+        return env
+
+    def start(self, connect: str, config: WorkerConfig) -> None:
+        with self._lock:
+            if self._stopped:
+                raise LaunchError("LocalLauncher.start() after stop(): create a new launcher")
+            if self._started:
+                raise LaunchError("LocalLauncher.start() called twice: create a new launcher for a new set of workers")
+            self._started = True
+            _live_launchers.add(self)
+            messages = [_worker_message(connect, config, k, f"local#{k}") for k in range(self._n)]
+            parent = os.getpid()
+            try:
+                for k, message in enumerate(messages):
+                    if self._stopping or self._stopped:  # stop() ran from a signal handler meanwhile
+                        break
+                    self._start_one(k, message, parent)
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_one(self, k: int, message: dict[str, Any], parent: int) -> None:
+        worker = _Worker(message["name"], k)
+        cmd = [self.python, *self.args]
+        try:
+            proc = _spawner.submit(
+                subprocess.Popen, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self._env(message["threads"]), close_fds=True, preexec_fn=_pdeathsig_preexec(parent),
+            ).result()
+        except OSError as e:
+            raise LaunchError(f"{worker.name}: cannot run {shlex.join(cmd)}: {e.strerror or e}: "
+                              f"check python={self.python!r}") from e
+        worker.proc, worker.pid = proc, proc.pid
+        if self._stopping or self._stopped:  # stop() ran meanwhile (a signal handler): not ours to keep
+            proc.kill()
+            proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()
+            return
+        with self._book:
+            self._workers.append(worker)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._spawn_pumps(worker, [(proc.stderr, "stderr"), (proc.stdout, "stdout")],
+                          on_eof=lambda: self._note_exit(worker, proc.wait()))
+        try:
+            proc.stdin.write(_json_line(message))
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            log.warning("%s: could not write its configuration (%s); it has exited", worker.name, e)
+        log.debug("%s: started, pid %d", worker.name, proc.pid)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            if self._stopped or self._stopping:
+                return
+            self._stopping = True
+            try:
+                procs = [w.proc for w in self._workers if w.proc is not None]
+                for p in procs:
+                    if p.poll() is None:
+                        try:
+                            p.terminate()
+                        except OSError:  # pragma: no cover
+                            pass
+                deadline = time.monotonic() + max(0.0, timeout)
+                for p in procs:
+                    try:
+                        p.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+                for p in procs:
+                    if p.poll() is None:
+                        log.warning("local worker pid %d ignored SIGTERM for %.1f s: SIGKILL", p.pid, timeout)
+                        p.kill()
+                        p.wait()
+                for w in self._workers:
+                    if w.proc is not None:
+                        for f in (w.proc.stdin,):
+                            try:
+                                if f is not None:
+                                    f.close()
+                            except OSError:
+                                pass
+                        w.exit_code = w.proc.returncode
+                        w.done.set()
+                self._join_pumps(time.monotonic() + 2.0)
+                for w in self._workers:
+                    if w.proc is not None:
+                        for f in (w.proc.stdout, w.proc.stderr):
+                            try:
+                                if f is not None:
+                                    f.close()
+                            except OSError:
+                                pass
+            finally:
+                self._stopped = True
+                self._stopping = False
+                _live_launchers.discard(self)
+
+    def wait(self, timeout: float | None = None) -> list[int | None]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        codes: list[int | None] = []
+        for w in self._workers:
+            assert w.proc is not None
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                codes.append(w.proc.wait(left))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+
+
