@@ -114,3 +114,28 @@ def test_workers_follow_local_on_the_same_patches(tmp_path):
         runs[mode[0]] = [json.loads(ln)["cost"] for ln in (out / "history.jsonl").read_text().splitlines()]
     assert len(runs["--local"]) == 21
     np.testing.assert_allclose(runs["--workers"], runs["--local"], rtol=1e-9)
+
+
+def test_an_error_mid_run_keeps_the_last_good_theta(tmp_path):
+    from qsae.errors import NumericalError
+    from qsae.model import SAEConfig, init_params
+    from qsae.train import RunSpec, train
+
+    cfg = SAEConfig()
+    X = DataSpec(m=500).build()
+    calls = []
+
+    def flaky(theta):
+        calls.append(1)
+        if len(calls) > 8:
+            raise NumericalError("worker w#1 returned NaN or Inf in round 9")
+        return cost_and_grad(theta, X, cfg)
+
+    spec = RunSpec(config=cfg, data=DataSpec(m=500).to_dict(), maxiter=50, out=tmp_path)
+    with pytest.raises(NumericalError) as e:
+        train(flaky, init_params(cfg), spec, echo=lambda s: None)
+    assert "--resume" in "".join(getattr(e.value, "__notes__", []))
+    theta, _, meta = load_model(tmp_path / "model.npz")
+    last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
+    assert meta["iteration"] == last["iteration"] > 0 and meta["finished"] is False
+    assert cost_and_grad(theta, X, cfg)[0] == pytest.approx(last["cost"], rel=1e-12)

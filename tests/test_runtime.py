@@ -262,3 +262,16 @@ def test_hand_started_workers_with_a_key_directory(problem, tmp_path):
 def test_hand_started_workers_need_keys_or_insecure():
     with pytest.raises(ConfigError, match="--make-keys"):
         Master(workers=0, wait_for=1)
+
+
+def test_nan_from_a_worker_names_it_and_the_round(problem):
+    from qsae.errors import NumericalError
+
+    X, theta = problem
+    bad = X.copy()
+    bad[700, 3] = np.nan  # in the second worker's rows
+    with Master(workers=2, config=CFG) as master:
+        master.scatter(bad)
+        name = master._workers[master._order[1]].name
+        with pytest.raises(NumericalError, match=rf"worker {name} .* NaN or Inf in round \d+"):
+            master(theta)
