@@ -310,7 +310,8 @@ class Master:
         if ident in self._workers or len(self._workers) >= self.expected:
             self._reject(ident, f"worker {msg['name']} is not needed: {len(self._workers)} already joined")
             return
-        self._workers[ident] = WorkerInfo(ident, msg["name"], msg["host"], msg["pid"], max(1, msg["cores"]),
+        cores = min(max(1, msg["cores"]), 4096)  # shards are balanced by it: keep it sane
+        self._workers[ident] = WorkerInfo(ident, msg["name"], msg["host"], msg["pid"], cores,
                                           time.monotonic())
         log.info("worker %s joined (host %s, pid %d, %d cores)", msg["name"], msg["host"], msg["pid"], msg["cores"])
 
