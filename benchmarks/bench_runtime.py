@@ -25,70 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-import zmq  # noqa: E402
 
 from qsae import Master, SAEConfig, init_params  # noqa: E402
+from qsae.bench import best_of  # noqa: E402
+from qsae.bench.roundtrip import echo_round_trip  # noqa: E402
 from qsae.model import cost_and_grad  # noqa: E402
-
-
-def best_of(f, repeat: int) -> float:
-    f()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-ECHO = """
-import sys, zmq
-ctx = zmq.Context()
-d = ctx.socket(zmq.DEALER)
-d.linger = 0
-d.connect(sys.argv[1])
-d.send(b"hi")
-while d.poll(5000):
-    frames = d.recv_multipart(copy=False)
-    if frames[0].bytes == b"stop":
-        break
-    d.send_multipart(frames, copy=False)
-"""
-
-
-def echo_round_trip(theta: np.ndarray, repeat: int) -> float:
-    """Seconds for a bare ROUTER to send θ to 2 DEALER processes and get it back from both.
-
-    The same topology as a qsae round (a master process, two worker processes, tcp on
-    loopback) with nothing else: no header, no validation, no compute, no reduction.
-    """
-    import subprocess
-    import sys
-
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    procs = [subprocess.Popen([sys.executable, "-c", ECHO, f"tcp://127.0.0.1:{port}"]) for _ in range(2)]
-    try:
-        idents = [router.recv_multipart()[0] for _ in range(2)]
-
-        def once() -> None:
-            for ident in idents:
-                router.send_multipart([ident, b"header", theta], copy=False)
-            for _ in idents:
-                router.recv_multipart(copy=False)
-
-        for _ in range(50):
-            once()
-        return best_of(once, repeat * 20)
-    finally:
-        for ident in idents:
-            router.send_multipart([ident, b"stop"])
-        for p in procs:
-            p.wait(10)
-        router.close()
-        ctx.term()
 
 
 def main() -> None:
@@ -126,7 +67,7 @@ def main() -> None:
 
         master.reducer = make_reducer("exact", cfg, rounds=1)
         t_round = best_of(lambda: master(theta), args.repeat * 20)
-    t_echo = echo_round_trip(theta, args.repeat)
+    t_echo = echo_round_trip(theta, 2, args.repeat * 20)
     print("\n| round trip, 2 workers × 10 rows | µs |\n|---|---:|")
     print(f"| qsae evaluation (exact, 1 round) | {t_round * 1e6:.0f} |")
     print(f"| bare pyzmq ROUTER→2 DEALER processes, echo of θ ({theta.nbytes // 1000} KB) | {t_echo * 1e6:.0f} |")

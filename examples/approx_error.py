@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
-from qsae.data import load_images, sample_patches
-from qsae.model import SAEConfig, cost_and_grad, init_params
-from qsae.reduce import AverageReducer, ShardState, serial_scatter
+from qsae.bench.quality import approx_error
 from qsae.train import load_model
 
 
@@ -26,26 +22,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000,100000", help="comma-separated m")
     ap.add_argument("--shards", default="2,4,8,16", help="comma-separated t")
     args = ap.parse_args()
-    if args.theta:
-        theta, cfg, _ = load_model(args.theta)
-    else:
-        cfg = SAEConfig()
-        theta = init_params(cfg)
-    images = load_images()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    shards = [int(s) for s in args.shards.split(",")]
+    theta, cfg = (load_model(args.theta)[:2] if args.theta else (None, None))
     print(f"θ: {args.theta or 'initial weights'}; |C − C*| / C* (relative), and |∇C − ∇C*| / |∇C*|\n")
-    print("| m | " + " | ".join(f"t={t}" for t in shards) + " |")
-    print("|---:|" + "---:|" * len(shards))
-    for m in sizes:
-        X = sample_patches(images, m, patch_size=int(np.sqrt(cfg.n_visible)), seed=0)
-        exact, g_exact = cost_and_grad(theta, X, cfg)
-        cells = []
-        for t in shards:
-            parts = [ShardState(p, cfg) for p in np.array_split(X, t)]
-            approx, g = AverageReducer(cfg).evaluate(theta, serial_scatter(parts))
-            cells.append(f"{abs(approx - exact) / exact:.1e}, {np.linalg.norm(g - g_exact) / np.linalg.norm(g_exact):.1e}")
-        print(f"| {m} | " + " | ".join(cells) + " |")
+    print(approx_error(theta, cfg, [int(s) for s in args.sizes.split(",")], [int(s) for s in args.shards.split(",")]))
 
 
 if __name__ == "__main__":
