@@ -142,6 +142,7 @@ class Master:
         self._sock: zmq.Socket | None = None
         self._auth = None
         self._closed = False
+        self._last_reject_log = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "Master":
@@ -294,7 +295,7 @@ class Master:
 
     def _reject(self, ident: bytes, why: str) -> None:
         now = time.monotonic()
-        if now - getattr(self, "_last_reject_log", 0.0) > 1.0:  # rate-limited: garbage must not flood the log
+        if now - self._last_reject_log > 1.0:  # rate-limited: garbage must not flood the log
             log.warning("rejected a message from %s: %s", ident.hex()[:16], why)
             self._last_reject_log = now
         try:

@@ -308,29 +308,37 @@ def _kl(p: np.ndarray, config: SAEConfig) -> float:
     return float(np.sum(rho * np.log(rho / p) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - p))))
 
 
+def _reconstruction_and_decay(theta: np.ndarray, total: Sums, config: SAEConfig) -> tuple[float, np.ndarray]:
+    """The reconstruction + weight-decay part of (cost, grad) from summed shard results."""
+    W1, W2, _, _ = unpack(theta, config)
+    P, m, lam = config.n_params, total.m, config.weight_decay
+    cost = total.vec[P] / (2 * m) + 0.5 * lam * (np.vdot(W1, W1) + np.vdot(W2, W2))
+    grad = total.vec[:P] / m
+    g = unpack(grad, config)
+    g.W1[...] += lam * W1
+    g.W2[...] += lam * W2
+    return float(cost), grad
+
+
 def finish_sums(theta: np.ndarray, total: Sums, config: SAEConfig, s_folded: bool) -> tuple[float, np.ndarray]:
     """Cost and gradient of the whole data set from the sum of every shard's ``Sums``.
 
     ``s_folded`` says whether the shards already folded the sparsity delta into their
     backward pass (two rounds); otherwise ``total`` must carry Σ f'xᵀ and Σ f' (one round).
     """
-    W1, W2, _, _ = unpack(theta, config)
     h, n, P, m = config.n_hidden, config.n_visible, config.n_params, total.m
     v = total.vec
     p = v[P + 1 : P + 1 + h] / m
-    lam, beta = config.weight_decay, config.sparsity_weight
-    cost = v[P] / (2 * m) + 0.5 * lam * (np.vdot(W1, W1) + np.vdot(W2, W2)) + beta * _kl(p, config)
-    grad = v[:P] / m
-    g = unpack(grad, config)
-    g.W1[...] += lam * W1
-    g.W2[...] += lam * W2
+    cost, grad = _reconstruction_and_decay(theta, total, config)
+    cost += config.sparsity_weight * _kl(p, config)
     if not s_folded:
+        g = unpack(grad, config)
         s = sparsity_delta(p, config)
         fx = v[P + 1 + h : P + 1 + h + h * n].reshape(h, n)
         fsum = v[P + 1 + h + h * n :]
         g.W1[...] += s[:, None] * fx / m
         g.b1[...] += s * fsum / m
-    return float(cost), grad
+    return cost, grad
 
 
 def cost_and_grad(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> tuple[float, np.ndarray]:
@@ -355,13 +363,5 @@ def minibatch_cost_and_grad(
     b1 with the returned per-unit mean activation (h,).
     """
     A = forward(theta, X, config)
-    m, h = A.shape[0], config.n_hidden
-    sums = backward(theta, X, A, None, config)
-    W1, W2, _, _ = unpack(theta, config)
-    P, lam = config.n_params, config.weight_decay
-    cost = sums.vec[P] / (2 * m) + 0.5 * lam * (np.vdot(W1, W1) + np.vdot(W2, W2))
-    grad = sums.vec[:P] / m
-    g = unpack(grad, config)
-    g.W1[...] += lam * W1
-    g.W2[...] += lam * W2
-    return float(cost), grad, A[:, :h].mean(axis=0)
+    cost, grad = _reconstruction_and_decay(theta, backward(theta, X, A, None, config), config)
+    return cost, grad, A[:, : config.n_hidden].mean(axis=0)
