@@ -55,6 +55,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     try:
+        import numpy  # noqa: F401  (threadpoolctl sees only the BLAS libraries already loaded)
         from threadpoolctl import threadpool_info
 
         blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info())
