@@ -158,8 +158,9 @@ def whiten(image: np.ndarray, f0_fraction: float = 0.8) -> np.ndarray:
     """Whiten one image as Olshausen's sparsenet does (unit variance).
 
     The spectrum is multiplied by f·exp(−(f/f0)⁴): the ramp f flattens the 1/f amplitude
-    spectrum of natural images, the exponential rolls off before Nyquist (f0 = 0.4 ×
-    Nyquist) to keep out the corners of the frequency square and aliasing.
+    spectrum of natural images, the exponential rolls off before Nyquist to keep out the
+    corners of the frequency square and aliasing. f0 = ``f0_fraction`` × Nyquist; the
+    default 0.8 is sparsenet's code (f_0 = 0.4·N cycles per image, N the image size).
     """
     img = np.asarray(image, dtype=np.float64)
     _check_finite(img, "image")
