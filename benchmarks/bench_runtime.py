@@ -2,22 +2,27 @@
 
 Run: python benchmarks/bench_runtime.py [--sizes 1000,10000,100000,1000000] [--repeat 7]
 
-Prints markdown tables, every figure measured in this run:
+Prints markdown tables, every figure measured in this run (best of N, one BLAS thread per
+process, random patches uniform in 0.1..0.9, the same θ everywhere):
 
-1. seconds per evaluation in process (one BLAS thread) and with 2 workers (one BLAS thread
-   each) for the exact protocol in one round and in two rounds and for the average
-   protocol; speedups against in-process. Targets on 2 cores: ≥ 1.0 at 1K, ≥ 1.7 at 10K,
-   ≥ 1.9 at 100K and 1M; exact ≤ 1.03× average at 100K.
-2. the round trip of one evaluation with tiny shards (2 workers × 10 rows) against a bare
-   pyzmq ROUTER → 2 DEALER processes echo of the same θ (31 KB). Target ≤ 1.3×.
-3. the report's workload: 100K patches, L-BFGS for 500 iterations, h = 30, on 1 and 2
-   workers (the report: 650 s on one core; target ≤ 26 s on 2), with --report.
+1. seconds per evaluation in process and with 2 workers for the exact protocol in one
+   round and in two rounds and for the average protocol; speedups against in-process.
+   Targets on 2 cores: ≥ 1.0 at 1K, ≥ 1.7 at 10K, ≥ 1.9 at 100K and 1M.
+2. one round against two by rows per shard: where ``ExactReducer.two_round_from`` belongs.
+3. the round trip of one evaluation with tiny shards (2 workers × 10 rows) against a bare
+   pyzmq ROUTER → 2 DEALER processes echo of the same θ (31 KB), target ≤ 1.3×; and where
+   the microseconds go: the same path rebuilt step by step from the bare echo.
+4. the report's workload: 100K patches, L-BFGS for 500 iterations, h = 30, on 1 and 2
+   workers (the report: 650 s on one core), with --report.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: one core per process
@@ -25,11 +30,166 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import zmq  # noqa: E402
 
 from qsae import Master, SAEConfig, init_params  # noqa: E402
 from qsae.bench import best_of  # noqa: E402
 from qsae.bench.roundtrip import echo_round_trip  # noqa: E402
 from qsae.model import cost_and_grad  # noqa: E402
+from qsae.protocol import EVAL, RESULT, decode, encode, send  # noqa: E402
+from qsae.reduce import OPS, ShardState, make_reducer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(master: Master, theta: np.ndarray, reducer, repeat: int) -> float:
+    master.reducer = reducer
+    return best_of(lambda: master(theta), repeat)
+
+
+def scaling(master: Master, cfg: SAEConfig, theta: np.ndarray, sizes: list[int], repeat: int, rng) -> None:
+    print("| m | in-process ms | exact 1-round ms | exact 2-round ms | average ms | speedup exact (best) "
+          "| speedup average | exact/average |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m in sizes:
+        X = rng.uniform(0.1, 0.9, size=(m, cfg.n_visible))
+        rep = repeat * 20 if m <= 10_000 else repeat if m <= 100_000 else max(2, repeat // 3)
+        t_local = best_of(lambda: cost_and_grad(theta, X, cfg), rep)
+        master.scatter(X)
+        t1 = timed(master, theta, make_reducer("exact", cfg, rounds=1), rep)
+        t2 = timed(master, theta, make_reducer("exact", cfg, rounds=2), rep)
+        ta = timed(master, theta, make_reducer("average", cfg), rep)
+        exact = min(t1, t2)
+        print(f"| {m} | {t_local * 1e3:.2f} | {t1 * 1e3:.2f} | {t2 * 1e3:.2f} | {ta * 1e3:.2f} | "
+              f"{t_local / exact:.2f} ({'1' if t1 <= t2 else '2'}-round) | {t_local / ta:.2f} | {exact / ta:.3f} |",
+              flush=True)
+
+
+def crossover(master: Master, cfg: SAEConfig, theta: np.ndarray, repeat: int, rng) -> None:
+    print("\n| rows per shard (2 workers) | exact 1-round ms | exact 2-round ms | 2-round / 1-round |")
+    print("|---:|---:|---:|---:|")
+    for rows in (500, 1000, 2000, 3000, 5000, 10_000, 20_000):
+        master.scatter(rng.uniform(0.1, 0.9, size=(2 * rows, cfg.n_visible)))
+        rep = repeat * 10
+        t1 = timed(master, theta, make_reducer("exact", cfg, rounds=1), rep)
+        t2 = timed(master, theta, make_reducer("exact", cfg, rounds=2), rep)
+        print(f"| {rows} | {t1 * 1e3:.3f} | {t2 * 1e3:.3f} | {t2 / t1:.3f} |", flush=True)
+
+
+# A DEALER process for the ladder below: "echo" sends θ back; "reply" sends a RESULT-sized
+# vector; "protocol" decodes the EVAL and answers with an encoded RESULT; "compute" also
+# runs the one-round sums on 10 rows — each step one more piece of a worker's round.
+LADDER_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import numpy as np, zmq
+from qsae.model import SAEConfig, Sums
+from qsae.protocol import RESULT, decode, encode, send
+from qsae.reduce import OPS, ShardState
+mode, cfg = sys.argv[2], SAEConfig()
+st = ShardState(np.random.default_rng(0).uniform(0.1, 0.9, (10, cfg.n_visible)), cfg)
+vec = OPS["sums"](st, np.zeros(cfg.n_params))
+ctx = zmq.Context()
+d = ctx.socket(zmq.DEALER)
+d.linger = 0
+d.connect(sys.argv[1])
+d.send(b"hi")
+while d.poll(30000):
+    frames = d.recv_multipart(copy=False)
+    if frames[0].bytes == b"stop":
+        break
+    if mode == "echo":
+        d.send_multipart(frames, copy=False)
+    elif mode == "reply":
+        d.send_multipart([b"h", vec], copy=False)
+    else:
+        msg = decode(frames)
+        out = OPS["sums"](st, msg.arrays[0]) if mode == "compute" else vec
+        send(d, encode(RESULT, msg.round, [out], rows=10))
+"""
+
+
+def ladder_step(mode: str, theta: np.ndarray, reducer, repeat: int) -> float:
+    """Seconds per round of a bare ROUTER and 2 ``LADDER_WORKER`` processes in ``mode``."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    procs = [subprocess.Popen([sys.executable, "-c", LADDER_WORKER, f"tcp://127.0.0.1:{port}", mode, ROOT])
+             for _ in range(2)]
+    idents: list[bytes] = []
+    rnd = [0]
+    try:
+        router.rcvtimeo = 60_000
+        idents = [router.recv_multipart()[0] for _ in range(2)]
+
+        def scatter(op: str, arg: np.ndarray) -> list:
+            rnd[0] += 1
+            raw = mode in ("echo", "reply")
+            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op)
+            for ident in idents:
+                send(router, frames, prefix=(ident,))
+            out = []
+            for _ in idents:
+                got = router.recv_multipart(copy=False)
+                if raw:
+                    out.append((10, np.frombuffer(got[-1], dtype=np.float64)))
+                else:
+                    msg = decode(got[1:])
+                    out.append((msg["rows"], msg.arrays[0]))
+            return out
+
+        once = (lambda: reducer.evaluate(theta, scatter)) if reducer is not None else (lambda: scatter("sums", theta))
+        for _ in range(50):
+            once()
+        return best_of(once, repeat)
+    finally:
+        for ident in idents:
+            router.send_multipart([ident, b"stop"])
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        router.close()
+        ctx.term()
+
+
+def round_trip(cfg: SAEConfig, theta: np.ndarray, repeat: int) -> None:
+    n = repeat * 100
+    X = np.random.default_rng(1).uniform(0.1, 0.9, size=(20, cfg.n_visible))
+    qsae = {}
+    for curve in (True, False):
+        with Master(workers=2, config=cfg, curve=curve, reducer_options={"rounds": 1}) as master:
+            master.scatter(X)
+            for _ in range(50):
+                master(theta)
+            qsae[curve] = best_of(lambda: master(theta), n)
+    echo = echo_round_trip(theta, 2, n)
+    reducer = make_reducer("exact", cfg, rounds=1)
+    steps = [("bare echo of θ (the floor)", ladder_step("echo", theta, None, n)),
+             ("reply with a RESULT-sized vector (47 KB) instead", ladder_step("reply", theta, None, n)),
+             ("+ qsae header, encode and validation both ways", ladder_step("protocol", theta, None, n)),
+             ("+ the worker's one-round sums on its 10 rows", ladder_step("compute", theta, None, n)),
+             ("+ the master's reduce (exact, one round)", ladder_step("compute", theta, reducer, n)),
+             ("qsae Master and Worker, no CURVE", qsae[False]),
+             ("qsae Master and Worker, CURVE (the default)", qsae[True])]
+    st = ShardState(X[:10], cfg)
+    vec = OPS["sums"](st, theta)
+    t_op = best_of(lambda: OPS["sums"](st, theta), n)
+    t_red = best_of(lambda: reducer.evaluate(theta, lambda op, arg: [(10, vec), (10, vec)]), n)
+    print(f"\n| round trip, 2 workers × 10 rows (best of {n}) | µs | step µs | / bare echo |\n|---|---:|---:|---:|")
+    prev = None
+    for name, t in steps:
+        step = "" if prev is None else f"{(t - prev) * 1e6:+.0f}"
+        print(f"| {name} | {t * 1e6:.0f} | {step} | {t / steps[0][1]:.2f} |")
+        prev = t
+    print(f"| echo by qsae.bench.roundtrip (same floor, measured separately) | {echo * 1e6:.0f} | | |")
+    print(f"\nIn a warm loop in this process: the sums on 10 rows take {t_op * 1e6:.0f} µs, the reduce "
+          f"{t_red * 1e6:.0f} µs; in a round each runs cold, after its process slept in poll.")
+    print(f"qsae (CURVE) / bare echo = {qsae[True] / echo:.2f}; qsae (no CURVE) / bare echo = {qsae[False] / echo:.2f}"
+          " (target ≤ 1.3)")
 
 
 def main() -> None:
@@ -38,45 +198,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7, help="timed evaluations per figure (best is kept)")
     ap.add_argument("--report", action="store_true", help="also run the report's 100K × 500-iteration workload")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the insecure-run warning is expected here
     cfg = SAEConfig()
     theta = init_params(cfg, seed=0)
     rng = np.random.default_rng(0)
     print(f"# {os.cpu_count()} cores; one BLAS thread per process; h={cfg.n_hidden}; best of {args.repeat}\n")
-    print("| m | in-process ms | exact 1-round ms | exact 2-round ms | average ms | speedup exact (best) | speedup average | exact/average |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with Master(workers=2, config=cfg) as master:
-        for m in (int(s) for s in args.sizes.split(",")):
-            X = rng.uniform(0.1, 0.9, size=(m, cfg.n_visible))
-            rep = args.repeat * 20 if m <= 10_000 else args.repeat if m <= 100_000 else max(2, args.repeat // 3)
-            t_local = best_of(lambda: cost_and_grad(theta, X, cfg), rep)
-            master.scatter(X)
-            times = {}
-            for name, reducer, opts in (("1", "exact", {"rounds": 1}), ("2", "exact", {"rounds": 2}),
-                                        ("avg", "average", {})):
-                from qsae.reduce import make_reducer
-
-                master.reducer = make_reducer(reducer, cfg, **opts)
-                times[name] = best_of(lambda: master(theta), rep)
-            exact = min(times["1"], times["2"])
-            print(f"| {m} | {t_local * 1e3:.2f} | {times['1'] * 1e3:.2f} | {times['2'] * 1e3:.2f} | "
-                  f"{times['avg'] * 1e3:.2f} | {t_local / exact:.2f} ({'1' if times['1'] <= times['2'] else '2'}-round)"
-                  f" | {t_local / times['avg']:.2f} | {exact / times['avg']:.3f} |", flush=True)
-        X = rng.uniform(0.1, 0.9, size=(20, cfg.n_visible))
-        master.scatter(X)
-        from qsae.reduce import make_reducer
-
-        master.reducer = make_reducer("exact", cfg, rounds=1)
-        t_round = best_of(lambda: master(theta), args.repeat * 20)
-    t_echo = echo_round_trip(theta, 2, args.repeat * 20)
-    print("\n| round trip, 2 workers × 10 rows | µs |\n|---|---:|")
-    print(f"| qsae evaluation (exact, 1 round) | {t_round * 1e6:.0f} |")
-    print(f"| bare pyzmq ROUTER→2 DEALER processes, echo of θ ({theta.nbytes // 1000} KB) | {t_echo * 1e6:.0f} |")
-    print(f"| ratio | {t_round / t_echo:.2f} |")
+        scaling(master, cfg, theta, [int(s) for s in args.sizes.split(",")], args.repeat, rng)
+        crossover(master, cfg, theta, args.repeat, rng)
+    round_trip(cfg, theta, args.repeat)
     if args.report:
-        report_workload(cfg, rng)
+        report_workload(cfg)
 
 
-def report_workload(cfg: SAEConfig, rng) -> None:
+def report_workload(cfg: SAEConfig) -> None:
     """The report's run: 100K patches, 500 L-BFGS iterations, h = 30."""
     from qsae.data import load_images, sample_patches
     from qsae.optim import minimize
@@ -84,7 +219,8 @@ def report_workload(cfg: SAEConfig, rng) -> None:
     images = load_images()
     X = sample_patches(images, 100_000, seed=0)
     theta0 = init_params(cfg, seed=0)
-    print("\n| report workload: 100K patches, 500 L-BFGS iterations | seconds | evaluations | final cost |\n|---|---:|---:|---:|")
+    print("\n| report workload: 100K patches, 500 L-BFGS iterations | seconds | evaluations | final cost |"
+          "\n|---|---:|---:|---:|")
     t0 = time.perf_counter()
     res = minimize(lambda th: cost_and_grad(th, X, cfg), theta0, maxiter=500)
     print(f"| in process, 1 core | {time.perf_counter() - t0:.1f} | {res.nfev} | {res.fun:.6f} |", flush=True)

@@ -41,8 +41,10 @@ from .errors import (
     WorkerError,
     WorkerLost,
 )
-from .model import SAEConfig
-from .protocol import EVAL, ERROR, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send
+from .model import SAEConfig, Sums
+from .protocol import (
+    ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_HEADER_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send,
+)
 from .reduce import make_reducer
 
 __all__ = ["Master"]
@@ -50,7 +52,15 @@ __all__ = ["Master"]
 log = logging.getLogger("qsae.master")
 
 CHUNK_BYTES = 8 * 1024 * 1024  # rows per SHARD message of a plain array
-MAX_INBOUND = 16 * 1024 * 1024  # ZMQ_MAXMSGSIZE: a RESULT is a few hundred KB; more is garbage
+MAX_DRAIN = 1000  # messages handled per poll before the round checks its deadlines again
+
+
+def _max_inbound(config: SAEConfig) -> int:
+    """ZMQ_MAXMSGSIZE of the ROUTER (libzmq checks each frame): a bit above the largest frame a
+    worker may send — a header (an ERROR's traceback) or the one-round Sums vector, the longest
+    result of the ops in reduce.OPS. A new op with a longer result must raise this."""
+    largest = max(MAX_HEADER_BYTES, 8 * Sums.size(config, one_round=True), 8 * (config.n_params + 1))
+    return largest + largest // 4 + 4096
 
 
 @dataclass
@@ -169,7 +179,7 @@ class Master:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.router_mandatory = 1  # sending to a vanished worker raises instead of dropping silently
-        sock.maxmsgsize = MAX_INBOUND
+        sock.maxmsgsize = _max_inbound(self.config)  # a larger frame drops its connection unread
         worker_keys = []
         if self.curve:
             from zmq.auth.thread import ThreadAuthenticator
@@ -193,9 +203,6 @@ class Master:
                 allow.keys.add(public)
                 worker_keys.append({"server_public": server_public.decode(), "public": public.decode(),
                                     "secret": secret.decode()})
-        else:
-            log.warning("running WITHOUT encryption (insecure): anyone who can reach the master's port can join "
-                        "and read the weights")
         host = self.bind or (self.launcher.bind_address() if self.launcher is not None else "127.0.0.1")
         if self.port:
             sock.bind(f"tcp://{host}:{self.port}")
@@ -203,8 +210,14 @@ class Master:
         else:
             port = sock.bind_to_random_port(f"tcp://{host}")
         self._sock = sock
+        self._poller = zmq.Poller()  # one for the run: building one per poll costs µs a round
+        self._poller.register(sock, zmq.POLLIN)
         self.address = f"tcp://{host}:{port}"
-        log.info("master listening on %s (%s)", self.address, "CURVE" if self.curve else "no encryption")
+        if self.curve:
+            log.info("master listening on %s (CURVE)", self.address)
+        else:  # every start, not once per process: each run opens a new port
+            log.warning("running without encryption: anyone who can reach %s can join and read the weights "
+                        "(drop curve=False / --insecure to encrypt)", self.address)
         if self.launcher is not None:
             self.launcher.start(self.address, lambda k: {"curve": worker_keys[k] if worker_keys else None, "threads": 1})
         self._await_hellos()
@@ -248,29 +261,36 @@ class Master:
 
     # ------------------------------------------------------------------ messages
     def _send(self, ident: bytes, type: str, round: int = 0, arrays=(), **fields) -> None:
-        w = self._workers.get(ident)
+        self._send_frames(ident, encode(type, round, arrays, **fields), prefix=(ident,))
+
+    def _send_frames(self, ident: bytes, frames, prefix=()) -> None:
         try:
-            send(self._sock, encode(type, round, arrays, **fields), prefix=(ident,))
+            send(self._sock, frames, prefix)
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            # its connection is gone (router_mandatory): a worker is lost at the next check
+            # its connection is gone (router_mandatory raises on the identity frame, so nothing
+            # was half sent): the worker is lost at the next check
+            w = self._workers.get(ident)
             if w is not None:
                 w.last_heard = float("-inf")
             return
+        w = self._workers.get(ident)
         if w is not None:
             w.last_sent = time.monotonic()
 
     def _receive(self, timeout: float) -> list[tuple[WorkerInfo, object]]:
         """Receive what arrives within ``timeout`` s; handle control messages, return the rest."""
-        out = []
-        if not self._sock.poll(max(0, int(timeout * 1000))):
+        out: list = []
+        sock = self._sock
+        if not self._poller.poll(max(0, int(timeout * 1000))):
             return out
-        while True:
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return out
+        # drain what is queued, boundedly (a flood must not starve the round's deadline checks);
+        # EVENTS instead of NOBLOCK + zmq.Again saves raising an exception a message
+        for _ in range(MAX_DRAIN):
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                break
+            frames = sock.recv_multipart(copy=False)
             ident = frames[0].bytes
             try:
                 msg = decode(frames[1:])
@@ -292,6 +312,7 @@ class Master:
                 out.append((w, msg))
             else:
                 self._reject(ident, f"a master does not take {msg.type} messages")
+        return out
 
     def _reject(self, ident: bytes, why: str) -> None:
         now = time.monotonic()
@@ -443,8 +464,10 @@ class Master:
         arg = np.ascontiguousarray(arg, dtype=np.float64)
         with self._lock:  # re-entrant: __call__ already holds it; the keepalive thread must not send meanwhile
             r = self._next_round()
+            head, data = encode(EVAL, r, [arg], op=op)
+            data = zmq.Frame(data)  # built once (one copy below 64 KB); libzmq shares it between the messages
             for ident in self._order:
-                self._send(ident, EVAL, r, [arg], op=op)
+                self._send_frames(ident, (ident, head, data))
             got = self._collect(self._order, r, RESULT)
         out = []
         for ident in self._order:

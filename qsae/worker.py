@@ -29,21 +29,23 @@ __all__ = ["main", "Worker"]
 
 log = logging.getLogger("qsae.worker")
 
-INLINE_ROWS = 100_000  # shards up to this many rows are computed inline (< ~0.1 s a round)
+INLINE_WORK = 100_000 * 64 * 30  # rows·n·h computed inline (~0.1 s); more runs in a thread, pinging
 
 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
     global np, __version__, ProtocolError, SAEConfig, OPS, ShardState, sample_patches
-    global decode, encode, send, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT, SHARD, STOP
+    global decode, encode, send, MAX_ARRAY_BYTES, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT, SHARD, STOP
     import numpy as np
 
     from . import __version__
     from .data import sample_patches
     from .errors import ProtocolError
     from .model import SAEConfig
-    from .protocol import ERROR, EVAL, HELLO, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send
+    from .protocol import (
+        ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send,
+    )
     from .reduce import OPS, ShardState
 
 
@@ -67,11 +69,14 @@ class Worker:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        self.sock.maxmsgsize = MAX_ARRAY_BYTES + 1  # libzmq checks each frame; decode refuses larger arrays anyway
         if curve:
             self.sock.curve_serverkey = curve["server_public"].encode()  # before connect
             self.sock.curve_publickey = curve["public"].encode()
             self.sock.curve_secretkey = curve["secret"].encode()
         self.sock.connect(connect)
+        self._poller = zmq.Poller()  # one for the run: Socket.poll builds one per call
+        self._poller.register(self.sock, zmq.POLLIN)
         self.state = None  # reduce.ShardState once the shard is complete
         self._chunks: list = []
         self._last_heard = time.monotonic()
@@ -101,7 +106,7 @@ class Worker:
         self.hello()
         try:
             while True:
-                if self.sock.poll(int(self.heartbeat * 1000)):
+                if self._poller.poll(int(self.heartbeat * 1000)):
                     if self._handle(self.sock.recv_multipart(copy=False)):
                         return 0
                 self._tick(busy=False)
@@ -150,13 +155,9 @@ class Worker:
             if msg["kind"] == "images":
                 X = self._cut_patches(msg)
             elif msg["kind"] == "array":
-                if msg["chunk"] == 0:
-                    self._chunks = []
-                self._chunks.extend(a.copy() for a in msg.arrays)  # copy: the frame buffer is zmq's
-                if msg["chunk"] + 1 < msg["chunks"]:
-                    return
-                X = np.concatenate(self._chunks) if self._chunks else np.empty((0, 0))
-                self._chunks = []
+                X = self._add_chunk(msg)
+                if X is None:
+                    return  # more chunks to come
             else:
                 raise ValueError(f"unknown shard kind {msg['kind']!r}; expected 'images' or 'array'")
             if X.shape[0] != msg["hi"] - msg["lo"]:
@@ -171,6 +172,29 @@ class Worker:
         except Exception as e:  # a bad shard is reported; the worker keeps serving
             self.send_error(e, msg.round)
 
+    def _add_chunk(self, msg):
+        """Copy one chunk of rows into the shard being built; the whole shard after the last.
+
+        Rows go straight into one preallocated array (the frames are zmq's buffers, so they
+        are copied once, never concatenated)."""
+        lo, hi, c, n = msg["lo"], msg["hi"], msg["chunk"], msg["chunks"]
+        rows = msg.arrays[0] if len(msg.arrays) == 1 and msg.arrays[0].ndim == 2 else None
+        if rows is None or not 0 <= lo <= hi:
+            raise ValueError(f"an array shard chunk carries one 2-D array of rows and 0 <= lo <= hi; got "
+                             f"{len(msg.arrays)} arrays, lo={lo}, hi={hi}")
+        if c == 0:
+            self._chunks = [np.empty((hi - lo, rows.shape[1])), 0, (lo, hi, n, msg.round)]
+        buf, filled, key = self._chunks if self._chunks else (None, 0, None)
+        if key != (lo, hi, n, msg.round) or rows.shape[1] != buf.shape[1] or filled + len(rows) > len(buf):
+            self._chunks = []
+            raise ValueError(f"chunk {c} of {n} for rows {lo}..{hi} does not continue the shard being received")
+        buf[filled : filled + len(rows)] = rows
+        self._chunks[1] = filled + len(rows)
+        if c + 1 < n:
+            return None
+        self._chunks = []
+        return buf[:filled + len(rows)]
+
     @staticmethod
     def _cut_patches(msg):
         return sample_patches(msg.arrays, msg["m"], patch_size=msg["patch_size"], seed=msg["seed"],
@@ -184,7 +208,8 @@ class Worker:
             if msg["op"] not in OPS:
                 raise ValueError(f"unknown operation {msg['op']!r}; known: {', '.join(OPS)}")
             op, arg = OPS[msg["op"]], msg.arrays[0]
-            if self.state.m <= INLINE_ROWS:
+            cfg = self.state.config
+            if self.state.m * cfg.n_visible * cfg.n_hidden <= INLINE_WORK:
                 vec = op(self.state, arg)
             else:
                 vec = self._in_thread(op, arg)

@@ -275,3 +275,78 @@ def test_nan_from_a_worker_names_it_and_the_round(problem):
         name = master._workers[master._order[1]].name
         with pytest.raises(NumericalError, match=rf"worker {name} .* NaN or Inf in round \d+"):
             master(theta)
+
+
+def test_shard_in_many_chunks(problem, monkeypatch):
+    import qsae.master
+
+    X, theta = problem
+    monkeypatch.setattr(qsae.master, "CHUNK_BYTES", 100 * 64 * 8)  # 100 rows a SHARD message
+    with Master(workers=2, config=CFG) as master:
+        master.scatter(X)
+        c, g = master(theta)
+    c_ref, g_ref = cost_and_grad(theta, X, CFG)
+    assert abs(c - c_ref) < 1e-10 * c_ref
+    assert np.linalg.norm(g - g_ref) < 1e-10 * np.linalg.norm(g_ref)
+
+
+def test_hello_of_another_version_is_refused():
+    with Master(workers=1, config=CFG, curve=False) as master:
+        ctx = zmq.Context.instance()
+        other = ctx.socket(zmq.DEALER)
+        other.linger = 0
+        other.connect(master.address)
+        try:
+            other.send_multipart(encode(HELLO, name="old", host="h", pid=1, cores=1, version="0.0.1"))
+            assert other.poll(5000)
+            reply = decode(other.recv_multipart())
+            assert reply.type == ERROR and "install the same version" in reply["message"]
+            assert master.n_workers == 1 and "old" not in {w.name for w in master._workers.values()}
+        finally:
+            other.close()
+
+
+@pytest.mark.timeout(20)
+def test_missing_workers_time_out_with_the_count():
+    from qsae.errors import RoundTimeout
+
+    t0 = time.monotonic()
+    with pytest.raises(RoundTimeout, match=r"0 of 2 workers said HELLO within 1 s on tcp://127\.0\.0\.1:\d+"):
+        with Master(workers=0, wait_for=2, config=CFG, curve=False, start_timeout=1.0):
+            pass
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(30)
+def test_worker_exits_by_itself_when_its_master_is_killed():
+    """No parent-death signal here: the worker is not the master's child, only its own timeout ends it."""
+    from tests.sshd import free_port
+
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from qsae import Master
+        m = Master(workers=0, wait_for=1, port={port}, curve=False)
+        m.start()
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, "-m", "qsae.worker", "--connect", f"tcp://127.0.0.1:{port}",
+                               "--master-timeout", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout.readline() == "ready\n"
+        time.sleep(1.5)  # heartbeats flow both ways: the worker outlives its 2 s timeout while the master lives
+        assert worker.poll() is None
+        master.kill()
+        master.wait(5)
+        t0 = time.monotonic()
+        _, err = worker.communicate(timeout=10)
+        assert time.monotonic() - t0 < 2 + 2
+        assert worker.returncode == 1 and "nothing heard from the master" in err
+    finally:
+        for p in (master, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
