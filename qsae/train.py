@@ -4,11 +4,13 @@ The objective is any f(θ) -> (cost, grad): ``cost_and_grad`` on in-process patc
 ``Master`` whose workers hold the shards. A run writes into its output directory:
 
     model.npz       θ, the model settings and the data spec (checkpointed atomically)
-    history.jsonl   one line per iteration: iteration, seconds, cost, |grad|
+    history.jsonl   one line per completed iteration: iteration, seconds, cost, |grad|
     filters.png     the hidden units' input weights as 8×8 tiles
-    cost.png        cost against seconds
+    cost.png        cost against seconds, the whole run (read from history.jsonl)
 
-Ctrl-C (SIGINT) and SIGTERM end the run after saving the last completed iteration's θ.
+Ctrl-C (SIGINT) and SIGTERM end the run after saving the last completed iteration's θ and
+its history line. A resumed run appends to history.jsonl and its seconds go on from the
+checkpoint's (model.npz keeps the elapsed seconds).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from .errors import QsaeError
 from .model import SAEConfig
 
-__all__ = ["RunSpec", "save_model", "load_model", "train"]
+__all__ = ["RunSpec", "save_model", "load_model", "read_history", "train"]
 
 log = logging.getLogger("qsae.train")
 
@@ -46,7 +48,9 @@ class RunSpec:
     out: Path = Path("runs/latest")  # output directory
     checkpoint_every: int = 10  # iterations between model.npz checkpoints
     start_iteration: int = 0  # > 0 when resuming: iterations already done (history is appended)
+    start_seconds: float = 0.0  # > 0 when resuming: seconds the run had taken (history's clock goes on)
     options: dict = field(default_factory=dict)  # extra optimizer options (sgd's sampler, ...)
+    meta: dict = field(default_factory=dict)  # saved in model.npz beside the rest (sigma, dtype, ...)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -80,42 +84,71 @@ def load_model(path: str | os.PathLike) -> tuple[np.ndarray, SAEConfig, dict]:
     return theta, SAEConfig.from_dict(meta.pop("config")), meta
 
 
-class _Stop(Exception):
-    """Raised inside the optimizer's callback when SIGTERM arrived."""
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """The lines of a run's history.jsonl (an empty list when there is none).
+
+    A last line cut short (the process killed while writing it) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m: a short, readable length of time."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: Callable[[str], None] = print):
     """Run the optimizer, printing a line per iteration and saving the run's files.
 
     Returns the optimizer's result; on Ctrl-C or SIGTERM the result of the last completed
-    iteration (its message says so) after everything has been saved.
+    iteration (its message says so) after everything has been saved. ``finished`` in
+    model.npz is true for a run that ended by itself (converged or ran its iterations).
     """
     from .optim import minimize
 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     hist_path = out / "history.jsonl"
-    k0 = spec.start_iteration
+    k0, s0 = spec.start_iteration, float(spec.start_seconds)
     hist_file = open(hist_path, "a" if k0 else "w")
-    best = {"theta": np.array(theta0, dtype=float), "iteration": k0}
+    best = {"theta": np.array(theta0, dtype=float), "iteration": None, "seconds": s0}
     terminated = []
 
-    def checkpoint(theta: np.ndarray, iteration: int, finished: bool) -> None:
+    def checkpoint(theta: np.ndarray, iteration: int, seconds: float, finished: bool) -> None:
         save_model(
             out / "model.npz", theta, spec.config, spec.data,
-            optimizer=spec.method, iteration=iteration, finished=finished,
+            optimizer=spec.method, iteration=iteration, seconds=seconds, finished=finished, **spec.meta,
         )
+
+    def write_line(it: int, secs: float, cost: float, gnorm: float) -> None:
+        hist_file.write(json.dumps({"iteration": it, "seconds": secs, "cost": cost, "grad_norm": gnorm}) + "\n")
+        hist_file.flush()
 
     def on_iteration(info) -> None:
         if k0 and info.iteration == 0:
             return  # the resumed start point is the checkpoint's last line already
-        it, cost, gnorm, secs = k0 + info.iteration, info.cost, info.grad_norm, info.seconds
-        best["theta"], best["iteration"] = np.array(info.x, dtype=float), it
-        echo(f"iter {it:5d}  cost {cost:.8f}  |grad| {gnorm:.3e}  {secs:8.2f} s")
-        hist_file.write(json.dumps({"iteration": it, "seconds": secs, "cost": cost, "grad_norm": gnorm}) + "\n")
-        hist_file.flush()
+        it, cost, gnorm, secs = k0 + info.iteration, info.cost, info.grad_norm, s0 + info.seconds
+        write_line(it, secs, cost, gnorm)  # first: Ctrl-C in what follows loses no line
+        best.update(theta=np.array(info.x, dtype=float), iteration=it, seconds=secs)
+        eta = ""
+        if info.iteration > 0 and spec.maxiter > info.iteration:
+            eta = f"  eta {_duration(info.seconds / info.iteration * (spec.maxiter - info.iteration))}"
+        echo(f"iter {it:5d}  cost {cost:.8f}  |grad| {gnorm:.3e}  {secs:8.2f} s{eta}")
         if spec.checkpoint_every and it % spec.checkpoint_every == 0:
-            checkpoint(best["theta"], it, False)
+            checkpoint(best["theta"], it, secs, False)
         if terminated:
             raise StopIteration  # the optimizer returns the current θ
 
@@ -127,21 +160,39 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
     try:
         result = minimize(objective, theta0, method=spec.method, maxiter=spec.maxiter, callback=on_iteration, **spec.options)
     except QsaeError as e:  # NaN from a worker, every worker lost, ...: keep the last good θ
-        checkpoint(best["theta"], best["iteration"], False)
-        e.add_note(f"the last good θ (iteration {best['iteration']}) is saved in {out / 'model.npz'}; "
-                   f"continue with --resume {out}")
+        if best["iteration"] is not None:  # none completed: nothing worth a model.npz
+            checkpoint(best["theta"], best["iteration"], best["seconds"], False)
+            e.add_note(f"the last good θ (iteration {best['iteration']}) is saved in {out / 'model.npz'}; "
+                       f"continue with --resume {out}")
         raise
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
         hist_file.close()
+    _complete_history(hist_path, result, k0, s0)
     if terminated:
         result.message = "stopped by SIGTERM"
-    checkpoint(result.x, k0 + result.nit, result.success)
+    finished = result.status not in (99, 130)  # ended by itself: converged, or ran its iterations
+    checkpoint(result.x, k0 + result.nit, s0 + (result.history[-1][1] if result.history else 0.0), finished)
     _pictures(out, result, spec.config)
     print(f"{result.message}: {result.nit} iterations, {result.nfev} evaluations, cost {result.fun:.8f}, "
          f"{time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, history.jsonl")
     return result
+
+
+def _complete_history(path: Path, result, k0: int, s0: float) -> None:
+    """Append the iterations the optimizer completed but the callback did not write (a
+    Ctrl-C between closing an iteration and writing its line)."""
+    written = read_history(path)
+    last = written[-1]["iteration"] if written else -1
+    missing = [(k0 + it, s0 + secs, cost) for it, secs, cost in result.history if k0 + it > last and (it or not k0)]
+    if not missing:
+        return
+    gnorm = float(np.linalg.norm(result.jac)) if result.jac is not None else float("nan")
+    with open(path, "a") as f:
+        for it, secs, cost in missing:
+            g = gnorm if it == k0 + result.nit else float("nan")
+            f.write(json.dumps({"iteration": it, "seconds": secs, "cost": cost, "grad_norm": g}) + "\n")
 
 
 def _pictures(out: Path, result, config: SAEConfig) -> None:
@@ -151,7 +202,8 @@ def _pictures(out: Path, result, config: SAEConfig) -> None:
         log.warning("no pictures: %s", e)
         return
     save_filters(result.x, config, out / "filters.png")
-    save_cost_curves({"run": result.history}, out / "cost.png")
+    history = [(h["iteration"], h["seconds"], h["cost"]) for h in read_history(out / "history.jsonl")]
+    save_cost_curves({"run": history or result.history}, out / "cost.png")
 
 
 def _main_thread() -> bool:
