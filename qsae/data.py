@@ -13,7 +13,12 @@ Patch positions are drawn in blocks of ``BLOCK`` patches, block k from its own g
 normalised as in UFLDL's sampleIMAGES: subtract each patch's mean, clip at ±3σ, rescale to
 [0.1, 0.9]. σ is the standard deviation of the mean-subtracted pixels of a fixed reference
 sample (the first ``SIGMA_SAMPLE`` patches of the same seed), so it does not depend on m or
-on the range built.
+on the range built. Patches are computed in float64 and cast at the end, so float32 patches
+equal the float64 ones rounded once.
+
+``extract_patches(images, sigma=σ)`` cuts patches from new images on a grid (or at every
+position) and normalises them with the training set's σ, as model.npz records it, so a
+trained model sees new images the way it saw its training data.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .errors import ConfigError, DataError
 
@@ -31,6 +37,7 @@ __all__ = [
     "BUILTIN_IMAGES",
     "DataSpec",
     "check_patches_match",
+    "extract_patches",
     "load_images",
     "patch_sigma",
     "sample_patches",
@@ -45,6 +52,7 @@ BUILTIN_IMAGES = (
 BLOCK = 4096  # patches per generator block: ranges cost O(hi − lo + BLOCK)
 SIGMA_SAMPLE = 10_000  # patches in the reference sample that fixes σ
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DTYPES = ("float32", "float64")  # what patches can be made in
 
 
 # ---------------------------------------------------------------------------- images
@@ -96,14 +104,20 @@ def _from_mat(path: Path) -> list[np.ndarray]:
 
 
 def _from_npy(path: Path) -> list[np.ndarray]:
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if not z.files:
-                raise DataError(f"{path} holds no arrays; save the images with np.savez({path.name!r}, images=stack)")
-            a = z["images"] if "images" in z.files else z[z.files[0]]
-    else:
-        a = np.load(path, allow_pickle=False)
-    a = np.asarray(a, dtype=np.float64)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if not z.files:
+                    raise DataError(f"{path} holds no arrays; save the images with np.savez({path.name!r}, images=stack)")
+                a = z["images"] if "images" in z.files else z[z.files[0]]
+        else:
+            a = np.load(path, allow_pickle=False)
+        a = np.asarray(a, dtype=np.float64)
+    except DataError:
+        raise
+    except Exception as e:  # truncated, not numpy at all, pickled objects, strings, ...
+        raise DataError(f"cannot read {path} as a numeric {path.suffix} image stack ({type(e).__name__}: "
+                        f"{_first_line(e)}); expected np.save/np.savez of a (k, height, width) float array") from e
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3:
@@ -117,7 +131,28 @@ def _from_folder(path: Path) -> list[np.ndarray]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(f"{path} holds no PNG or JPEG images; put some there or pass another source")
-    return [_grey(imread(p)) for p in files]
+    return [_read_image(p) for p in files]
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One PNG/JPEG file as a grey float64 image, or a DataError naming the file."""
+    from skimage.io import imread
+
+    try:
+        img = imread(path)
+    except Exception as e:  # imageio's own message suggests installing video plugins: not the fix here
+        raise DataError(f"cannot read {path} as a {path.suffix.lstrip('.').upper()} image; expected a PNG or JPEG "
+                        "picture (is the file truncated or something else renamed?); fix or remove it") from e
+    img = np.asarray(img)
+    if img.ndim not in (2, 3) or img.size == 0 or not np.issubdtype(img.dtype, np.number):
+        raise DataError(f"{path} decodes to an array of shape {img.shape} ({img.dtype}); "
+                        "expected a grey or colour picture (height, width[, channels])")
+    return _grey(img)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no detail"
 
 
 def load_images(source: str | os.PathLike | None = "builtin", whiten: bool | None = None) -> list[np.ndarray]:
@@ -126,8 +161,8 @@ def load_images(source: str | os.PathLike | None = "builtin", whiten: bool | Non
     Parameters
     ----------
     source : "builtin" (or None) for the ten scikit-image photographs; otherwise a path to
-        a .mat (key IMAGES, (H, W, k)), .npy/.npz ((k, H, W) or (H, W)), or a folder of
-        PNG/JPEG files (sorted by name).
+        a .mat (key IMAGES, (H, W, k)), .npy/.npz ((k, H, W) or (H, W)), a folder of
+        PNG/JPEG files (sorted by name), or one PNG/JPEG file.
     whiten : whiten with ``whiten()``. None: yes for photographs (builtin, folders), no for
         .mat/.npy/.npz, which are taken to be prepared already.
     """
@@ -140,12 +175,15 @@ def load_images(source: str | os.PathLike | None = "builtin", whiten: bool | Non
                             "a folder of PNG/JPEG, or 'builtin'")
         if path.is_dir():
             images, photos = _from_folder(path), True
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            images, photos = [_read_image(path)], True
         elif path.suffix == ".mat":
             images, photos = _from_mat(path), False
         elif path.suffix in (".npy", ".npz"):
             images, photos = _from_npy(path), False
         else:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .mat, .npy, .npz or a folder of PNG/JPEG")
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .mat, .npy, .npz, a PNG/JPEG "
+                            "or a folder of them")
         _check_images(images, 1, str(path))
     if whiten if whiten is not None else photos:
         images = [globals()["whiten"](img) for img in images]
@@ -222,6 +260,32 @@ def _raw(images: Sequence[np.ndarray], patch_size: int, seed: int, lo: int, hi: 
     return out
 
 
+def _check_dtype(dtype) -> np.dtype:
+    """np.float32 or np.float64 from any spelling of them; anything else is a ConfigError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: patches can be float32 or float64; pass dtype='float32' "
+                          "(half the memory) or dtype='float64' (the default)")
+    return dt
+
+
+def _normalize_(P: np.ndarray, sigma: float) -> np.ndarray:
+    """UFLDL's normalisation in place: remove each row's mean, clip at ±3σ, map to [0.1, 0.9]."""
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise DataError(f"σ = {sigma!r}: the patches are constant (or σ was not a positive number); "
+                        "use images with some contrast, or pass the σ the model was trained with")
+    s3 = 3.0 * sigma
+    P -= P.mean(axis=1, keepdims=True)
+    np.clip(P, -s3, s3, out=P)
+    P *= 0.4 / s3  # [−3σ, 3σ] -> [0.1, 0.9]
+    P += 0.5
+    np.clip(P, 0.1, 0.9, out=P)  # rounding can step a hair outside
+    return P
+
+
 def patch_sigma(images: Sequence[np.ndarray], patch_size: int = 8, seed: int = 0) -> float:
     """σ of the mean-subtracted pixels of the reference sample (the first SIGMA_SAMPLE patches)."""
     P = _raw(images, patch_size, seed, 0, SIGMA_SAMPLE)
@@ -238,8 +302,9 @@ def sample_patches(
     hi: int | None = None,
     normalize: bool = True,
     sigma: float | None = None,
+    dtype: DTypeLike = np.float64,
 ) -> np.ndarray:
-    """Rows lo..hi of the data set of m patches, (hi − lo, patch_size²), C-contiguous float64.
+    """Rows lo..hi of the data set of m patches, (hi − lo, patch_size²), C-contiguous.
 
     Parameters
     ----------
@@ -250,7 +315,10 @@ def sample_patches(
     lo, hi : the rows to build (default all m).
     normalize : UFLDL's normalisation to [0.1, 0.9] (needs σ: ``patch_sigma``).
     sigma : σ if already known (saves building the reference sample again).
+    dtype : float64 (default) or float32. Computed in float64 either way and cast at the
+        end, so the float32 patches are the float64 ones rounded once.
     """
+    dt = _check_dtype(dtype)
     if int(m) != m or m <= 0:
         raise DataError(f"m={m!r} patches: need a positive integer, e.g. 10000")
     if int(patch_size) != patch_size or patch_size < 1:
@@ -262,13 +330,58 @@ def sample_patches(
     _check_images(images, patch_size)
     P = _raw(images, patch_size, seed, lo, hi)
     if normalize:
-        s3 = 3.0 * (patch_sigma(images, patch_size, seed) if sigma is None else sigma)
-        P -= P.mean(axis=1, keepdims=True)
-        np.clip(P, -s3, s3, out=P)
-        P *= 0.4 / s3  # [−3σ, 3σ] -> [0.1, 0.9]
-        P += 0.5
-        np.clip(P, 0.1, 0.9, out=P)  # rounding can step a hair outside
-    return P
+        _normalize_(P, patch_sigma(images, patch_size, seed) if sigma is None else float(sigma))
+    return P if dt == np.float64 else P.astype(dt)
+
+
+def extract_patches(
+    images: np.ndarray | Sequence[np.ndarray],
+    patch_size: int = 8,
+    stride: int | None = None,
+    sigma: float | None = None,
+    normalize: bool = True,
+    dtype: DTypeLike = np.float64,
+) -> np.ndarray:
+    """Patches of new images on a grid, normalised like the training patches.
+
+    Parameters
+    ----------
+    images : one 2-D image or a sequence of them, prepared like the training images (for
+        photographs: ``load_images(folder)``, which whitens them as the built-in ones).
+    patch_size : side of a square patch (the model's n_visible = patch_size²).
+    stride : step between patch corners, in both axes; None: ``patch_size`` (a grid of
+        non-overlapping patches); 1: every position.
+    sigma : σ of the training set (``SparseAutoencoder.sigma_``, model.npz's "sigma",
+        ``DataSpec.sigma()``). None: σ of these patches themselves — only right when the
+        new images are a training set of their own.
+    normalize : UFLDL's normalisation (subtract each patch's mean, clip at ±3σ, rescale
+        to [0.1, 0.9]), exactly as ``sample_patches`` does it.
+    dtype : float64 (default) or float32 (computed in float64, cast at the end).
+
+    Returns
+    -------
+    (k, patch_size²) C-contiguous array: image by image, and within an image the patch
+    whose top-left corner is (r, c) at row ``(r // stride) · n_cols + c // stride`` with
+    ``n_cols = (width − patch_size) // stride + 1``.
+    """
+    dt = _check_dtype(dtype)
+    if int(patch_size) != patch_size or patch_size < 1:
+        raise ConfigError(f"patch_size={patch_size!r} must be a positive integer, e.g. 8")
+    stride = int(patch_size) if stride is None else stride
+    if int(stride) != stride or stride < 1:
+        raise ConfigError(f"stride={stride!r} must be a positive integer (1: every position; {patch_size}: a grid)")
+    if isinstance(images, np.ndarray) and images.ndim == 2:
+        images = [images]
+    images = [np.asarray(img, dtype=np.float64) for img in images]
+    _check_images(images, patch_size)
+    windows = [np.lib.stride_tricks.sliding_window_view(img, (patch_size, patch_size))[::stride, ::stride]
+               for img in images]
+    P = np.concatenate([w.reshape(-1, patch_size * patch_size) for w in windows])  # a copy, C-contiguous
+    if normalize:
+        if sigma is None:
+            sigma = float((P - P.mean(axis=1, keepdims=True)).std())
+        _normalize_(P, float(sigma))
+    return P if dt == np.float64 else P.astype(dt)
 
 
 def check_patches_match(patch_size: int, n_visible: int) -> None:
@@ -312,6 +425,15 @@ class DataSpec:
         """The prepared (loaded, maybe whitened) images."""
         return load_images(self.source, whiten=self.whiten)
 
-    def build(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Rows lo..hi of the patches."""
-        return sample_patches(self.images(), self.m, patch_size=self.patch_size, seed=self.seed, lo=lo, hi=hi)
+    def build(self, lo: int = 0, hi: int | None = None, dtype: DTypeLike = np.float64) -> np.ndarray:
+        """Rows lo..hi of the patches, float64 or float32."""
+        return sample_patches(self.images(), self.m, patch_size=self.patch_size, seed=self.seed, lo=lo, hi=hi,
+                              dtype=dtype)
+
+    def sigma(self) -> float:
+        """σ that normalises this data set (``patch_sigma`` of its images, patch size and seed).
+
+        Training runs record it in model.npz so that ``extract_patches`` can normalise new
+        images alike without the training images at hand.
+        """
+        return patch_sigma(self.images(), self.patch_size, self.seed)

@@ -11,6 +11,7 @@ from qsae.data import (
     BUILTIN_IMAGES,
     DataSpec,
     check_patches_match,
+    extract_patches,
     load_images,
     patch_sigma,
     sample_patches,
@@ -162,3 +163,116 @@ def test_dataspec_round_trip(images):
     spec = DataSpec(m=300, seed=4)
     assert DataSpec.from_dict(spec.to_dict()) == spec
     assert np.array_equal(spec.build(10, 20), sample_patches(images, 300, seed=4)[10:20])
+
+
+# ---------------------------------------------------------------------------- dtype
+
+
+def test_float32_patches_are_the_float64_ones_rounded_once(images):
+    X64 = sample_patches(images, 3000, seed=7, lo=100, hi=2100)
+    X32 = sample_patches(images, 3000, seed=7, lo=100, hi=2100, dtype="float32")
+    assert X32.dtype == np.float32 and X32.flags.c_contiguous and X32.shape == X64.shape
+    assert np.array_equal(X32, X64.astype(np.float32))
+    assert np.array_equal(sample_patches(images, 3000, seed=7, dtype=np.float32), sample_patches(images, 3000, seed=7).astype(np.float32))
+    spec = DataSpec(m=500, seed=2)
+    assert np.array_equal(spec.build(0, 50, dtype=np.float32), spec.build(0, 50).astype(np.float32))
+    assert spec.build(dtype="float64").dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.int32, "complex128", "banana", object])
+def test_other_dtypes_are_refused_naming_the_two(images, dtype):
+    with pytest.raises(ConfigError, match="float32 or float64"):
+        sample_patches(images, 10, dtype=dtype)
+    with pytest.raises(ConfigError, match="float32 or float64"):
+        extract_patches(images[0], dtype=dtype)
+
+
+def test_dataspec_sigma_is_the_sets_sigma(images):
+    assert DataSpec(seed=3).sigma() == patch_sigma(images, 8, 3)
+    assert DataSpec(seed=3, patch_size=6).sigma() == patch_sigma(images, 6, 3)
+    assert DataSpec(seed=3).sigma() != DataSpec(seed=4).sigma()
+
+
+# ---------------------------------------------------------------------------- unreadable files
+
+
+def test_random_bytes_png_names_the_file_not_a_plugin(tmp_path):
+    import matplotlib.image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    matplotlib.image.imsave(folder / "a.png", np.random.default_rng(0).random((40, 50)), cmap="gray")
+    (folder / "x.png").write_bytes(np.random.default_rng(1).bytes(4096))
+    for source in (folder, folder / "x.png"):
+        with pytest.raises(DataError, match=r"cannot read .*x\.png as a PNG image; expected a PNG or JPEG") as e:
+            load_images(source)
+        assert "pip install" not in str(e.value)
+    assert len(load_images(folder / "a.png", whiten=False)) == 1  # one file is a source too
+
+
+def test_truncated_or_foreign_arrays_name_the_file(tmp_path):
+    stack = np.zeros((3, 20, 20))
+    np.save(tmp_path / "t.npy", stack)
+    (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:300])
+    np.savez(tmp_path / "t.npz", images=stack)
+    (tmp_path / "t.npz").write_bytes((tmp_path / "t.npz").read_bytes()[:300])
+    (tmp_path / "r.npy").write_bytes(np.random.default_rng(2).bytes(500))
+    np.save(tmp_path / "s.npy", np.array(["a", "b"]))
+    (tmp_path / "t.mat").write_bytes(np.random.default_rng(3).bytes(500))
+    for name in ("t.npy", "t.npz", "r.npy", "s.npy"):
+        with pytest.raises(DataError, match=rf"cannot read \S*{name} as a numeric .* expected np.save"):
+            load_images(tmp_path / name)
+    with pytest.raises(DataError, match=r"cannot read \S*t\.mat as a MATLAB file"):
+        load_images(tmp_path / "t.mat")
+
+
+# ---------------------------------------------------------------------------- patches of new images
+
+
+def _textbook(patch: np.ndarray, sigma: float) -> np.ndarray:
+    """UFLDL's normalisation of one patch, written out."""
+    x = patch.ravel() - patch.mean()
+    x = np.maximum(np.minimum(x, 3 * sigma), -3 * sigma) / (3 * sigma)
+    return np.clip((x + 1) * 0.4 + 0.1, 0.1, 0.9)
+
+
+def test_extract_patches_equals_the_training_patches_at_their_positions(images):
+    """Every position of one image holds, row for row, the patches the data set drew there."""
+    import qsae.data as data
+
+    img = images[2]
+    sigma = patch_sigma([img], 8, 5)
+    every = extract_patches(img, stride=1, sigma=sigma)
+    ncols = img.shape[1] - 8 + 1
+    assert every.shape == ((img.shape[0] - 8 + 1) * ncols, 64)
+    _, r, c = data._positions(np.array([img.shape]), 5, 8, 0)
+    train = sample_patches([img], 300, seed=5)
+    assert np.array_equal(every[r[:300] * ncols + c[:300]], train)
+
+
+def test_extract_patches_grid_order_and_normalisation(images):
+    img = images[0][:40, :52]
+    P = extract_patches([img, img.T], patch_size=8, stride=6, sigma=0.7)
+    rows, cols = (40 - 8) // 6 + 1, (52 - 8) // 6 + 1
+    assert P.shape == (rows * cols + cols * rows, 64) and P.flags.c_contiguous
+    for r, c in [(0, 0), (1, 3), (rows - 1, cols - 1)]:
+        assert np.allclose(P[r * cols + c], _textbook(img[6 * r : 6 * r + 8, 6 * c : 6 * c + 8], 0.7), rtol=0, atol=1e-12)
+    assert np.allclose(P[rows * cols + 2], _textbook(img.T[0:8, 12:20], 0.7), rtol=0, atol=1e-12)
+    grid = extract_patches(img, sigma=0.7)  # default stride: non-overlapping
+    assert grid.shape == ((40 // 8) * (52 // 8), 64)
+    assert np.array_equal(extract_patches(img, sigma=0.7, dtype="float32"), grid.astype(np.float32))
+    raw = extract_patches(img, normalize=False)
+    assert np.array_equal(raw[1], img[0:8, 8:16].ravel())
+    own = extract_patches(img)  # σ of these patches themselves
+    assert np.array_equal(own, extract_patches(img, sigma=float((raw - raw.mean(1, keepdims=True)).std())))
+
+
+def test_extract_patches_refuses_what_cannot_work(images):
+    with pytest.raises(ConfigError, match="stride=0"):
+        extract_patches(images[0], stride=0)
+    with pytest.raises(DataError, match="smaller than the 8×8 patch"):
+        extract_patches(np.zeros((5, 30)))
+    with pytest.raises(DataError, match="patches are constant"):
+        extract_patches(np.ones((16, 16)))
+    with pytest.raises(DataError, match="NaN or Inf"):
+        extract_patches(np.full((16, 16), np.nan), sigma=1.0)
