@@ -86,13 +86,29 @@ class _Lost(Exception):
 
 
 class _AllowList:
-    """ZAP credentials provider: admits exactly the client keys this run handed out."""
+    """ZAP credentials provider: admits exactly the client keys this run handed out.
+
+    A refused key is logged, at most once every ``LOG_EVERY`` seconds with a count of the
+    refusals since the last line (a worker with the wrong keys retries every 100 ms)."""
+
+    LOG_EVERY = 10.0  # seconds between lines about refused keys
 
     def __init__(self) -> None:
         self.keys: set[bytes] = set()
+        self.refused = 0  # refusals since the last log line
+        self._last_log = float("-inf")
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
+        if key in self.keys:
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_log >= self.LOG_EVERY:
+            log.warning("refused a worker's CURVE key %s (%d refusal(s) in the last %.0f s): it is not a key of "
+                        "this run; a hand-started worker needs --keys DIR/worker from this master's --keys DIR",
+                        key.decode("ascii", "replace")[:12] + "...", self.refused, self.LOG_EVERY)
+            self.refused, self._last_log = 0, now
+        return False
 
 
 class Master:
