@@ -5,6 +5,10 @@
         master.scatter_images(load_images(), m=100_000, seed=0)
         result = master.fit(method="lbfgs", maxiter=400)
 
+    from qsae import SparseAutoencoder                 # a trained model, scikit-learn style
+    sae = SparseAutoencoder.load("runs/latest/model.npz")
+    H = sae.transform(sae.extract_patches("photos/"))     # new images, cut and normalised alike
+
 The names below are loaded on first use (PEP 562), so ``import qsae`` stays cheap and a
 worker can set its BLAS thread count before numpy is imported.
 """
@@ -21,9 +25,13 @@ _EXPORTS = {
     "SAEConfig": "qsae.model",
     "init_params": "qsae.model",
     "cost_and_grad": "qsae.model",
+    "forward": "qsae.model",
     "load_images": "qsae.data",
     "sample_patches": "qsae.data",
+    "extract_patches": "qsae.data",
     "DataSpec": "qsae.data",
+    "SparseAutoencoder": "qsae.estimator",
+    "load_model": "qsae.train",
     "minimize": "qsae.optim",
     "OptimizeResult": "qsae.optim",
     "make_reducer": "qsae.reduce",
