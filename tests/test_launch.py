@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
+import threading
 import subprocess
 import sys
 import textwrap
@@ -34,6 +36,9 @@ STANDIN = textwrap.dedent("""\
     msg = json.loads(sys.stdin.readline())
     if msg.get("ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if msg.get("bye_on_term"):   # as qsae.worker does: SIGTERM -> goodbye, exit 0
+        signal.signal(signal.SIGTERM, lambda *a: (print("BYE", file=sys.stderr, flush=True), os._exit(0)))
+        signal.signal(signal.SIGINT, lambda *a: (print("got SIGINT", file=sys.stderr, flush=True), os._exit(130)))
     report = dict(msg, pid=os.getpid(), omp=os.environ.get("OMP_NUM_THREADS"))
     print("STANDIN " + json.dumps(report), file=sys.stderr, flush=True)
     print("stdout of " + msg["name"], flush=True)
@@ -404,9 +409,9 @@ def test_ssh_failures_reported_together(sshd, python_without_qsae, closed_port, 
     assert "qsae-badkey" in badkey and "authentication refused" in badkey and "authorized_keys" in badkey
     assert "qsae-newkey" in newkey and "unknown host key" in newkey and "--accept-new-host-keys" in newkey
     assert "/nonexistent/python" in nopython and "not found" in nopython and "set python= in the hosts file" in nopython
-    assert ("cannot import qsae" in noqsae and "pip install qsae==" in noqsae
-            and "set python= to an interpreter that has it" in noqsae)
-    assert f"127.0.0.1:{silent_port}" in silent and ("banner" in silent or "timed out" in silent)
+    assert ("cannot import qsae" in noqsae and "pip wheel" in noqsae and "pip install qsae-*.whl" in noqsae
+            and "pip install qsae==" not in noqsae and "set python= to an interpreter that has it" in noqsae)
+    assert f"127.0.0.1:{silent_port}" in silent and "no SSH banner/handshake within 2 s" in silent
     launcher.stop()
 
 
@@ -417,7 +422,7 @@ def test_ssh_incompatible_qsae(sshd, tmp_path):
     wrapper = tmp_path / "python-old-qsae"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={fake.parent} exec {sys.executable} \"$@\"\n")
     wrapper.chmod(0o755)
-    with pytest.raises(LaunchError, match=r"has qsae 99\.1\.0, this master is .*pip install qsae=="):
+    with pytest.raises(LaunchError, match=r"has qsae 99\.1\.0, this master is .*pip wheel.*pip install qsae-\*\.whl"):
         ssh_launcher(sshd, [host(sshd, python=str(wrapper))]).prepare()
 
 
@@ -470,3 +475,145 @@ def test_worker_config_validation(standin, caplaunch):
         launcher.start("tcp://127.0.0.1:1", {"curve": {"public": b"abc", "secret": b"def", "server_public": b"x"}})
         wait_until(lambda: standin_reports(caplaunch), what="the stand-in report")
         assert standin_reports(caplaunch)["local#0"]["curve"]["secret"] == "def"
+
+
+# --------------------------------------------------------------------------------------
+# add(): more workers after start(), indices continuing
+# --------------------------------------------------------------------------------------
+
+def test_local_add(standin, caplaunch):
+    seen = []
+
+    def config(k):
+        seen.append(k)
+        return {"curve": {"secret": f"key-{k}"}}
+
+    launcher = LocalLauncher(2, args=[str(standin)])
+    with pytest.raises(LaunchError, match="before start"):
+        launcher.add(1, "tcp://127.0.0.1:1", config)
+    with launcher:
+        launcher.start("tcp://127.0.0.1:1", config)
+        assert launcher.n_started == 2
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ConfigError, match=r"add\(n="):
+                launcher.add(bad, "tcp://127.0.0.1:1", config)
+        assert launcher.add(2, "tcp://127.0.0.1:1", config) == ["local#2", "local#3"]
+        assert launcher.add(1, "tcp://127.0.0.1:1", config) == ["local#4"]
+        assert seen == [0, 1, 2, 3, 4] and launcher.n_workers == 2 and launcher.n_started == 5
+        wait_until(lambda: len(standin_reports(caplaunch)) == 5, what="5 stand-in reports")
+        reports = standin_reports(caplaunch)
+        assert [reports[f"local#{k}"]["curve"]["secret"] for k in range(5)] == [f"key-{k}" for k in range(5)]
+        assert launcher.names == [f"local#{k}" for k in range(5)]
+        pids = launcher.pids
+    assert all(gone(p) for p in pids) and launcher.wait(1) == [-signal.SIGTERM] * 5
+    with pytest.raises(LaunchError, match="after stop"):
+        launcher.add(1, "tcp://127.0.0.1:1", config)
+
+
+def test_exit_code_zero_is_not_a_failure(standin, caplaunch):
+    with LocalLauncher(1, args=[str(standin)]) as launcher:
+        launcher.start("tcp://127.0.0.1:1", {"exit": 0})
+        assert launcher.wait(10) == [0]
+        wait_until(lambda: any("exited (code 0)" in m for m in log_lines(caplaunch)), what="the exit line")
+        assert launcher.failures() == []
+    assert not [r for r in caplaunch.records if r.levelno >= logging.WARNING]
+
+
+def test_local_workers_in_own_session_ctrl_c(standin, tmp_path):
+    """A Ctrl-C (SIGINT to the terminal's process group) reaches only the master, which stops
+    its workers with SIGTERM: they exit 0, and nothing is logged at WARNING."""
+    master = textwrap.dedent(f"""\
+        import logging, os, sys, time
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+        from qsae.launch import LocalLauncher
+        launcher = LocalLauncher(2, args=[{str(standin)!r}])
+        launcher.start("tcp://127.0.0.1:1", {{"bye_on_term": True}})
+        print("PIDS", *launcher.pids, flush=True)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            launcher.stop()
+            print("CODES", *launcher.wait(5), flush=True)
+    """)
+    # the master leads its own process group, as a shell's foreground job does
+    proc = subprocess.Popen([sys.executable, "-c", master], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PIDS"), line
+        pids = [int(x) for x in line.split()[1:]]
+        for pid in pids:
+            assert os.getsid(pid) == pid != os.getsid(proc.pid), "each worker leads a session of its own"
+        time.sleep(0.5)  # the stand-ins have read their line and set their handlers
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "CODES 0 0" in out, out
+    assert "got SIGINT" not in out and "WARNING" not in out, out
+    assert all(gone(p) for p in pids)
+
+
+def ssh_two_hosts(sshd, workers=1):
+    return [host(sshd, workers=workers), HostSpec(sshd.user, "127.0.0.1", sshd.port, workers, sys.executable)]
+
+
+def test_ssh_add_round_robin(sshd, standin, caplaunch):
+    launcher = ssh_launcher(sshd, ssh_two_hosts(sshd), known_hosts=str(sshd.known_hosts),
+                            key_filename=str(sshd.client_key), args=[str(standin)])
+    with launcher:
+        launcher.start("tcp://127.0.0.1:1", lambda k: {"k": k})
+        a, b = f"{sshd.user}@qsae-test-host", f"{sshd.user}@127.0.0.1"
+        assert launcher.names == [f"{a}#0", f"{b}#0"]
+        assert launcher.add(3, "tcp://127.0.0.1:1", lambda k: {"k": k}) == [f"{a}#1", f"{b}#1", f"{a}#2"]
+        assert launcher.n_started == 5 and launcher.n_workers == 2
+        wait_until(lambda: len(standin_reports(caplaunch)) == 5, what="5 stand-in reports")
+        reports = standin_reports(caplaunch)
+        assert sorted(r["k"] for r in reports.values()) == [0, 1, 2, 3, 4]
+        assert reports[f"{a}#2"]["k"] == 4
+        with pytest.raises(ConfigError):
+            launcher.add(0, "tcp://127.0.0.1:1", {})
+        pids = launcher.pids
+    wait_until(lambda: all(gone(p) for p in pids), timeout=5, what="remote workers gone")
+    assert launcher.failures() == []
+
+
+@pytest.fixture()
+def hangup_port():
+    """A port that accepts TCP connections and closes each one at once (no SSH banner)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+
+    def serve():
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def test_ssh_fast_failure_says_what_and_when(hangup_port):
+    """A connection closed at once is not reported as a 10 s handshake timeout."""
+    launcher = SSHLauncher([HostSpec(None, "127.0.0.1", hangup_port, 1, sys.executable)], ssh_config=None,
+                           connect_timeout=10.0)
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launcher.prepare()
+    elapsed = time.monotonic() - t0
+    line = str(info.value).splitlines()[1]
+    assert elapsed < 5, elapsed
+    assert "closed the connection" in line and f"port {hangup_port}" in line, line
+    assert "within 10 s" not in line, line
+    took = float(line.split(" after ")[1].split(" s")[0])
+    assert took <= elapsed, line
+    with pytest.raises(ConfigError, match="connect_timeout"):
+        SSHLauncher([HostSpec(None, "127.0.0.1", hangup_port, 1, sys.executable)], ssh_config=None,
+                    connect_timeout=0)

@@ -1,4 +1,4 @@
-"""Local workers: subprocesses that die with the master (Linux PR_SET_PDEATHSIG)."""
+"""Local workers: child processes in their own session that die with the master (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, LaunchError
 
-from .base import WORKER_ARGS, Launcher, WorkerConfig, _blas_env, _json_line, _live_launchers, _Worker, _worker_message, log
+from .base import WORKER_ARGS, Launcher, WorkerConfig, _blas_env, _json_line, _Worker, log
 
 # --------------------------------------------------------------------------------------
 # Local workers
@@ -62,13 +61,139 @@ def _qsae_root() -> str:
     return str(Path(__file__).resolve().parents[2])  # qsae/launch/local.py -> the folder holding qsae/
 
 
-class LocalLauncher(Launcher):
+class ChildProcessLauncher(Launcher):
+    """Workers as child processes of this one, each fed its JSON line on its stdin.
+
+    The machinery shared by :class:`LocalLauncher` (the child is the worker) and
+    ``SlurmLauncher`` (the child is the ``srun`` that runs the worker): subclasses give
+    :meth:`_command` and :meth:`_name`.
+
+    Every child runs in its own session (``start_new_session``), so a Ctrl-C in the
+    terminal reaches only the master, which then stops the workers itself; and on Linux
+    it gets ``PR_SET_PDEATHSIG = SIGTERM``, so it dies with the master even if the master
+    is killed with SIGKILL.
+    """
+
+    def __init__(self, python: str = sys.executable, env: Mapping[str, str] | None = None,
+                 args: Sequence[str] = WORKER_ARGS) -> None:
+        super().__init__()
+        self.python = python
+        self.env = dict(env or {})
+        self.args = tuple(args)
+
+    def _command(self, message: dict[str, Any]) -> list[str]:
+        """The argv of the child that runs the worker of ``message``."""
+        return [self.python, *self.args]
+
+    def _name(self, k: int) -> str:
+        """The name of worker ``k`` (its log prefix)."""
+        return f"local#{k}"
+
+    def _env(self, threads: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(_blas_env(threads))
+        env["PYTHONUNBUFFERED"] = "1"
+        root = _qsae_root()
+        parts = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+        return env
+
+    def _launch(self, ks: list[int], connect: str, config: WorkerConfig, initial: bool) -> None:
+        messages = [self._message(connect, config, k, self._name(k)) for k in ks]  # all checked before any starts
+        parent = os.getpid()
+        for k, message in zip(ks, messages):
+            if self._stopping or self._stopped:  # stop() ran from a signal handler meanwhile
+                break
+            self._start_one(k, message, parent)
+
+    def _start_one(self, k: int, message: dict[str, Any], parent: int) -> None:
+        worker = _Worker(message["name"], k)
+        cmd = self._command(message)
+        try:
+            proc = _spawner.submit(
+                subprocess.Popen, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self._env(message["threads"]), close_fds=True, start_new_session=True,
+                preexec_fn=_pdeathsig_preexec(parent),
+            ).result()
+        except OSError as e:
+            raise LaunchError(f"{worker.name}: cannot run {shlex.join(cmd)}: {e.strerror or e}: "
+                              f"check python={self.python!r}") from e
+        worker.proc, worker.pid = proc, proc.pid
+        if self._stopping or self._stopped:  # stop() ran meanwhile (a signal handler): not ours to keep
+            proc.kill()
+            proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()
+            return
+        with self._book:
+            self._workers.append(worker)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._spawn_pumps(worker, [(proc.stderr, "stderr"), (proc.stdout, "stdout")],
+                          on_eof=lambda: self._note_exit(worker, proc.wait()))
+        try:
+            proc.stdin.write(_json_line(message))
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            log.warning("%s: could not write its configuration (%s); it has exited", worker.name, e)
+        log.debug("%s: started, pid %d", worker.name, proc.pid)
+
+    # -- stopping --------------------------------------------------------------------
+
+    def _is_alive(self, worker: _Worker) -> bool:
+        return worker.proc is not None and worker.proc.poll() is None
+
+    def _exit_code(self, worker: _Worker, timeout: float | None) -> int | None:
+        assert worker.proc is not None
+        try:
+            return worker.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _terminate(self, workers: list[_Worker]) -> None:
+        for w in workers:
+            try:
+                assert w.proc is not None
+                w.proc.terminate()
+            except OSError:  # pragma: no cover - gone meanwhile
+                pass
+
+    def _kill(self, workers: list[_Worker]) -> None:
+        for w in workers:
+            try:
+                assert w.proc is not None
+                w.proc.kill()
+            except OSError:  # pragma: no cover
+                pass
+
+    def _stop_workers(self, timeout: float) -> None:
+        super()._stop_workers(timeout)
+        for w in self._workers:  # stdin last: a worker reads EOF on it as "stop" too
+            _close(w.proc.stdin if w.proc is not None else None)
+
+    def _release(self) -> None:
+        for w in self._workers:
+            if w.proc is not None:
+                _close(w.proc.stdout)
+                _close(w.proc.stderr)
+
+
+def _close(f: Any) -> None:
+    try:
+        if f is not None:
+            f.close()
+    except OSError:
+        pass
+
+
+class LocalLauncher(ChildProcessLauncher):
     """Workers as child processes of this one.
 
     Parameters
     ----------
     n : int
-        Number of workers (>= 1).
+        Number of workers :meth:`start` starts (>= 1); :meth:`add` starts more.
     python : str
         The interpreter; default the one running the master.
     env : dict, optional
@@ -82,20 +207,18 @@ class LocalLauncher(Launcher):
 
     Notes
     -----
-    On Linux every worker gets ``PR_SET_PDEATHSIG = SIGTERM``, so it dies with the master
-    even if the master is killed with SIGKILL. Workers stay in the master's process group,
-    so a Ctrl-C in the terminal reaches them too.
+    Each worker runs in its own session, so a Ctrl-C in the terminal reaches only the
+    master, which stops the workers with SIGTERM (they say goodbye and exit 0). On Linux
+    every worker gets ``PR_SET_PDEATHSIG = SIGTERM``, so it dies with the master even if
+    the master is killed with SIGKILL.
     """
 
     def __init__(self, n: int, python: str = sys.executable, env: Mapping[str, str] | None = None,
                  args: Sequence[str] = WORKER_ARGS) -> None:
-        super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"LocalLauncher(n={n!r}): expected a whole number of workers >= 1")
+        super().__init__(python, env, args)
         self._n = n
-        self.python = python
-        self.env = dict(env or {})
-        self.args = tuple(args)
         self._prepared = False
 
     @property
@@ -133,125 +256,3 @@ class LocalLauncher(Launcher):
 
     def bind_address(self) -> str:
         return "127.0.0.1"
-
-    def _env(self, threads: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.env)
-        env.update(_blas_env(threads))
-        env["PYTHONUNBUFFERED"] = "1"
-        root = _qsae_root()
-        parts = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-        env["PYTHONPATH"] = os.pathsep.join(parts)
-        return env
-
-    def start(self, connect: str, config: WorkerConfig) -> None:
-        with self._lock:
-            if self._stopped:
-                raise LaunchError("LocalLauncher.start() after stop(): create a new launcher")
-            if self._started:
-                raise LaunchError("LocalLauncher.start() called twice: create a new launcher for a new set of workers")
-            self._started = True
-            _live_launchers.add(self)
-            messages = [_worker_message(connect, config, k, f"local#{k}") for k in range(self._n)]
-            parent = os.getpid()
-            try:
-                for k, message in enumerate(messages):
-                    if self._stopping or self._stopped:  # stop() ran from a signal handler meanwhile
-                        break
-                    self._start_one(k, message, parent)
-            except BaseException:
-                self.stop()
-                raise
-
-    def _start_one(self, k: int, message: dict[str, Any], parent: int) -> None:
-        worker = _Worker(message["name"], k)
-        cmd = [self.python, *self.args]
-        try:
-            proc = _spawner.submit(
-                subprocess.Popen, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self._env(message["threads"]), close_fds=True, preexec_fn=_pdeathsig_preexec(parent),
-            ).result()
-        except OSError as e:
-            raise LaunchError(f"{worker.name}: cannot run {shlex.join(cmd)}: {e.strerror or e}: "
-                              f"check python={self.python!r}") from e
-        worker.proc, worker.pid = proc, proc.pid
-        if self._stopping or self._stopped:  # stop() ran meanwhile (a signal handler): not ours to keep
-            proc.kill()
-            proc.wait()
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                if f is not None:
-                    f.close()
-            return
-        with self._book:
-            self._workers.append(worker)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        self._spawn_pumps(worker, [(proc.stderr, "stderr"), (proc.stdout, "stdout")],
-                          on_eof=lambda: self._note_exit(worker, proc.wait()))
-        try:
-            proc.stdin.write(_json_line(message))
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
-            log.warning("%s: could not write its configuration (%s); it has exited", worker.name, e)
-        log.debug("%s: started, pid %d", worker.name, proc.pid)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            if self._stopped or self._stopping:
-                return
-            self._stopping = True
-            try:
-                procs = [w.proc for w in self._workers if w.proc is not None]
-                for p in procs:
-                    if p.poll() is None:
-                        try:
-                            p.terminate()
-                        except OSError:  # pragma: no cover
-                            pass
-                deadline = time.monotonic() + max(0.0, timeout)
-                for p in procs:
-                    try:
-                        p.wait(max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-                for p in procs:
-                    if p.poll() is None:
-                        log.warning("local worker pid %d ignored SIGTERM for %.1f s: SIGKILL", p.pid, timeout)
-                        p.kill()
-                        p.wait()
-                for w in self._workers:
-                    if w.proc is not None:
-                        for f in (w.proc.stdin,):
-                            try:
-                                if f is not None:
-                                    f.close()
-                            except OSError:
-                                pass
-                        w.exit_code = w.proc.returncode
-                        w.done.set()
-                self._join_pumps(time.monotonic() + 2.0)
-                for w in self._workers:
-                    if w.proc is not None:
-                        for f in (w.proc.stdout, w.proc.stderr):
-                            try:
-                                if f is not None:
-                                    f.close()
-                            except OSError:
-                                pass
-            finally:
-                self._stopped = True
-                self._stopping = False
-                _live_launchers.discard(self)
-
-    def wait(self, timeout: float | None = None) -> list[int | None]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        codes: list[int | None] = []
-        for w in self._workers:
-            assert w.proc is not None
-            try:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                codes.append(w.proc.wait(left))
-            except subprocess.TimeoutExpired:
-                codes.append(None)
-        return codes
-
-

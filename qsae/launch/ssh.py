@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError, LaunchError
 
-from .base import WORKER_ARGS, Launcher, WorkerConfig, _blas_env, _json_line, _live_launchers, _Worker, _worker_message, log
+from .base import WORKER_ARGS, Launcher, WorkerConfig, _blas_env, _json_line, _Worker, log
 from .hosts import HostSpec, parse_hosts
 
 # --------------------------------------------------------------------------------------
@@ -39,6 +39,11 @@ except Exception as e:
 sys.stdout.write('QSAE-PREFLIGHT ' + json.dumps({'python': '%d.%d.%d' % tuple(sys.version_info[:3]),
     'executable': sys.executable, 'qsae': v, 'error': err}) + '\\n')
 """
+
+
+#: how to put qsae on a node (qsae is on no package index): from a checkout, or a wheel built here
+INSTALL_HINT = ("install it there from a checkout (pip install /path/to/qsae) or a wheel (pip wheel --no-deps . "
+                "here, copy qsae-*.whl, pip install qsae-*.whl there)")
 
 
 class _UnknownHostKey(Exception):
@@ -175,6 +180,7 @@ class SSHLauncher(Launcher):
             if displays[h.display] > 1:  # the same user@host on two ports: keep names unique
                 h.display = f"{h.display}:{h.port}"
         self._good: list[_Host] = []
+        self._next_host = 0  # add() places workers round-robin from here
         self._prepared = False
 
     @classmethod
@@ -247,12 +253,14 @@ class SSHLauncher(Launcher):
             client.close()
             raise
 
-    def _explain(self, e: BaseException, h: _Host) -> str:
+    def _explain(self, e: BaseException, h: _Host, elapsed: float | None = None) -> str:
+        """One line: what went wrong with host ``h``, after how long, and the fix."""
         import errno
 
         import paramiko
 
         where, t = h.where, self.connect_timeout
+        after = f" after {elapsed:.2f} s" if elapsed is not None else ""
         if isinstance(e, _UnknownHostKey):
             return (f"{where}: unknown host key ({e.key_type} {e.fingerprint} for {e.hostname}): "
                     f"pass --accept-new-host-keys or ssh to it once to add it to known_hosts")
@@ -271,22 +279,46 @@ class SSHLauncher(Launcher):
         if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
             codes = {getattr(x, "errno", None) for x in e.errors.values()}
             if codes == {errno.ECONNREFUSED}:
-                return (f"{where}: connection refused on port {h.port}: is sshd running there, and is the port "
-                        f"right (host:port in the hosts file, Port in ~/.ssh/config)?")
-            return f"{where}: unreachable ({e}): check that the host is up and the network/firewall lets you in"
+                return (f"{where}: connection refused on port {h.port}{after}: is sshd running there, and is the "
+                    f"port right (host:port in the hosts file, Port in ~/.ssh/config)?")
+            return f"{where}: unreachable{after} ({e}): check that the host is up and the network/firewall lets you in"
         if isinstance(e, ConnectionRefusedError):
-            return f"{where}: connection refused on port {h.port}: is sshd running there, and is the port right?"
+            return f"{where}: connection refused on port {h.port}{after}: is sshd running there, and is the port right?"
         if isinstance(e, (socket.timeout, TimeoutError)):
-            return (f"{where}: timed out after {t:g} s: the host is down, firewalled or slow; check it, or raise "
-                    f"connect_timeout")
-        if isinstance(e, paramiko.SSHException) and any(
-                s in str(e).lower() for s in ("banner", "no existing session", "negotiation")):
-            # paramiko reports a silent server as "No existing session" when the handshake times out
-            return (f"{where}: no SSH banner/handshake within {t:g} s ({e}): is port {h.port} an SSH server, and "
-                    f"is the host not overloaded? Check the port, or raise connect_timeout")
+            return (f"{where}: timed out{after or f' after {t:g} s'} (connect_timeout {t:g} s): the host is down, "
+                    f"firewalled or slow; check it, or raise connect_timeout")
+        text = str(e).lower()
+        if isinstance(e, paramiko.SSHException) and any(s in text for s in ("banner", "no existing session",
+                                                                             "negotiation")):
+            return self._explain_handshake(e, h, elapsed)
+        if isinstance(e, (ConnectionResetError, EOFError)):
+            return (f"{where}: the connection was {'reset' if isinstance(e, ConnectionResetError) else 'closed'} "
+                    f"by the server{after}: is port {h.port} an SSH server that accepts this client? Check its log")
         if isinstance(e, OSError):
-            return f"{where}: unreachable ({e.strerror or e}): check that the host is up and reachable"
-        return f"{where}: SSH failed: {type(e).__name__}: {e}"
+            return f"{where}: unreachable{after} ({e.strerror or e}): check that the host is up and reachable"
+        return f"{where}: SSH failed{after}: {type(e).__name__}: {e}"
+
+    def _explain_handshake(self, e: BaseException, h: _Host, elapsed: float | None) -> str:
+        """A failed SSH banner/key exchange: reset, closed, garbage or silence, told apart by cause and time."""
+        where, t, text = h.where, self.connect_timeout, str(e)
+        cause = e.__cause__ or e.__context__
+        after = f" after {elapsed:.2f} s" if elapsed is not None else ""
+        reset = isinstance(cause, ConnectionResetError) or "reset by peer" in text.lower()
+        closed = isinstance(cause, EOFError) or text.strip().lower() in ("error reading ssh protocol banner",
+                                                                         "no existing session")
+        if reset:
+            return (f"{where}: the server reset the connection during the SSH handshake{after} ({text}): is port "
+                    f"{h.port} an SSH server that accepts this client (MaxStartups, AllowUsers, a firewall)? "
+                    f"Check its log")
+        if elapsed is None or elapsed >= 0.9 * t:
+            # paramiko reports a silent server as "No existing session" when the handshake times out
+            return (f"{where}: no SSH banner/handshake within {t:g} s ({text}): is port {h.port} an SSH server, "
+                    f"and is the host not overloaded? Check the port, or raise connect_timeout")
+        if closed:
+            return (f"{where}: the server closed the connection during the SSH handshake{after} ({text}): is port "
+                    f"{h.port} an SSH server that accepts this client? Check its log")
+        return (f"{where}: the SSH handshake failed{after} ({text}): is port {h.port} an SSH server? Check the port "
+                f"and the server's log")
 
     def _preflight(self, h: _Host, client: Any) -> str | None:
         """Run the remote python; return None if it imports a compatible qsae, else the reason."""
@@ -338,20 +370,22 @@ class SSHLauncher(Launcher):
         local_mm = __version__.split(".")[:2]
         remote = report.get("qsae")
         if remote is None:
-            return (f"{h.where}: {py} cannot import qsae ({report.get('error')}): pip install qsae=={__version__} "
-                    f"there, or set python= to an interpreter that has it")
+            return (f"{h.where}: {py} cannot import qsae ({report.get('error')}): {INSTALL_HINT}, "
+                    f"or set python= to an interpreter that has it")
         if str(remote).split(".")[:2] != local_mm:
             return (f"{h.where}: {py} has qsae {remote}, this master is {__version__} (major.minor must match): "
-                    f"pip install qsae=={__version__} there, or set python= to an interpreter that has it")
+                    f"{INSTALL_HINT.replace('install it', f'install qsae {__version__}')}, or set python= to an "
+                    f"interpreter that has it")
         return None
 
     def _prepare_host(self, h: _Host) -> None:
         client, error = None, None
+        t0 = time.monotonic()
         try:
             client = self._connect(h)
             error = self._preflight(h, client)
         except BaseException as e:  # reported, never raised from a thread
-            error = self._explain(e, h)
+            error = self._explain(e, h, time.monotonic() - t0)
         if h.abandoned:  # prepare() gave up on this host already
             if client is not None:
                 client.close()
@@ -440,13 +474,16 @@ class SSHLauncher(Launcher):
             if self._stopping or self._stopped:
                 break
             worker = _Worker(message["name"], k)
+            worker.host = h
+            t0 = time.monotonic()
             try:
-                c = i // SESSIONS_PER_CONNECTION
+                c = len(h.workers) // SESSIONS_PER_CONNECTION
                 while len(h.clients) <= c:
                     h.clients.append(self._connect(h))
                 opened.append((worker, self._open_channel(h, h.clients[c], worker, message), message))
             except Exception as e:
-                errors.append(f"{self._explain(e, h)} ({len(messages) - i} worker(s) of {h.display} not started)")
+                errors.append(f"{self._explain(e, h, time.monotonic() - t0)} "
+                              f"({len(messages) - i} worker(s) of {h.display} not started)")
                 break
         for worker, stdout, message in opened:
             try:
@@ -488,22 +525,30 @@ class SSHLauncher(Launcher):
             Fewer workers started than required (``min_workers``, or all); the ones
             started are stopped again.
         """
-        self.prepare()
-        with self._lock:
-            if self._stopped:
-                raise LaunchError("SSHLauncher.start() after stop(): create a new launcher")
-            if self._started:
-                raise LaunchError("SSHLauncher.start() called twice: create a new launcher for a new set of workers")
-            self._started = True
-            _live_launchers.add(self)
-            plan: list[tuple[_Host, list[tuple[int, dict[str, Any]]]]] = []
+        self.prepare()  # first: n_workers counts the hosts that work
+        super().start(connect, config)
+
+    def _plan(self, ks: list[int], initial: bool) -> list[tuple[_Host, list[int]]]:
+        """Which host runs which new worker: each its own count at start(), round-robin after."""
+        per_host: dict[int, list[int]] = {}
+        if initial:
             k = 0
-            for h in self._good:
-                msgs = []
-                for i in range(h.spec.workers):
-                    msgs.append((k, _worker_message(connect, config, k, f"{h.display}#{i}")))
-                    k += 1
-                plan.append((h, msgs))
+            for j, h in enumerate(self._good):
+                per_host[j] = ks[k:k + h.spec.workers]
+                k += h.spec.workers
+        else:
+            for k in ks:
+                j = self._next_host % len(self._good)
+                self._next_host += 1
+                per_host.setdefault(j, []).append(k)
+        return [(self._good[j], per_host[j]) for j in sorted(per_host)]
+
+    def _launch(self, ks: list[int], connect: str, config: WorkerConfig, initial: bool) -> None:
+        plan: list[tuple[_Host, list[tuple[int, dict[str, Any]]]]] = []
+        for h, host_ks in self._plan(ks, initial):
+            first = len(h.workers)
+            plan.append((h, [(k, self._message(connect, config, k, f"{h.display}#{first + i}"))
+                             for i, k in enumerate(host_ks)]))
         errors: list[str] = []
         threads = [threading.Thread(target=self._start_host, args=(h, msgs, errors), daemon=True,
                                     name=f"qsae-launch start {h.display}") for h, msgs in plan]
@@ -514,18 +559,20 @@ class SSHLauncher(Launcher):
             th.join()
         with self._book:
             self._workers.sort(key=lambda w: w.k)
-        started = sum(1 for w in self._workers if w.pid is not None)
-        need = self.min_workers if self.min_workers is not None else sum(h.spec.workers for h in self._hosts)
+        started = sum(1 for w in self._workers if w.pid is not None and w.k in ks)
+        if initial:
+            need = self.min_workers if self.min_workers is not None else sum(h.spec.workers for h in self._hosts)
+        else:
+            need = 1
         for line in errors:
             self._add_failure(line)
         if errors:
             if started < need:
-                self.stop()
-                raise LaunchError("\n".join([f"only {started} of {self.n_workers} workers started, "
+                raise LaunchError("\n".join([f"only {started} of {len(ks)} workers started, "
                                              f"{need} needed:", *("  " + e for e in errors)]))
             for line in errors:
                 log.warning("%s", line)
-        log.info("started %d worker(s) on %d host(s)", started, len(self._good))
+        log.info("started %d worker(s) on %d host(s)", started, len(plan))
 
     # -- stopping ------------------------------------------------------------------
 
@@ -547,29 +594,44 @@ class SSHLauncher(Launcher):
         finally:
             chan.close()
 
+    def _is_alive(self, worker: _Worker) -> bool:
+        return worker.channel is not None and not worker.channel.exit_status_ready()
+
+    def _exit_code(self, worker: _Worker, timeout: float | None) -> int | None:
+        """A worker killed by a signal reports -1 (SSH sends no code)."""
+        chan = worker.channel
+        if chan is None or not chan.status_event.wait(timeout):
+            return worker.exit_code
+        return chan.exit_status
+
+    def _by_host(self, workers: list[_Worker]) -> dict[int, tuple[_Host, list[int]]]:
+        groups: dict[int, tuple[_Host, list[int]]] = {}
+        for w in workers:
+            if w.pid is not None and w.host is not None:
+                groups.setdefault(id(w.host), (w.host, []))[1].append(w.pid)
+        return groups
+
+    def _terminate(self, workers: list[_Worker]) -> None:
+        for h, pids in self._by_host(workers).values():
+            self._signal(h, "TERM", pids)
+
+    def _kill(self, workers: list[_Worker]) -> None:
+        for h, pids in self._by_host(workers).values():
+            self._signal(h, "KILL", pids)
+
+    def _start_join_timeout(self) -> float:
+        return 2 * self.connect_timeout
+
     def _stop_host(self, h: _Host, timeout: float) -> None:
         try:
-            alive = lambda: [w for w in h.workers if w.pid is not None and not w.channel.exit_status_ready()]
             try:
-                self._signal(h, "TERM", [w.pid for w in alive()])
-                deadline = time.monotonic() + max(0.0, timeout)
-                while alive() and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                left = alive()
-                if left:
-                    log.warning("%s: pids %s ignored SIGTERM for %.1f s: SIGKILL", h.display,
-                                [w.pid for w in left], timeout)
-                    self._signal(h, "KILL", [w.pid for w in left])
-                    deadline = time.monotonic() + self.connect_timeout
-                    while alive() and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                self._terminate_grace_kill(list(h.workers), timeout, f"{h.display}: ",
+                                           kill_wait=self.connect_timeout)
             except Exception as e:
                 log.warning("%s: could not kill its workers (%s); they exit when they miss the master's heartbeat",
                             h.display, e)
             for w in h.workers:
                 if w.channel is not None:
-                    if w.channel.exit_status_ready():
-                        w.exit_code = w.channel.exit_status
                     w.channel.close()
                     w.done.set()
         finally:
@@ -580,42 +642,13 @@ class SSHLauncher(Launcher):
                     pass
             h.clients = []
 
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            if self._stopped or self._stopping:
-                return
-            self._stopping = True
-            try:
-                # start() may be running in other threads (stop() from a signal handler): they
-                # check _stopping before each worker, so they end soon; then nothing is missed
-                deadline = time.monotonic() + 2 * self.connect_timeout
-                for th in self._start_threads:
-                    if th is not threading.current_thread():
-                        th.join(max(0.0, deadline - time.monotonic()))
-                hosts = [h for h in self._hosts if h.clients or h.workers]
-                threads = [threading.Thread(target=self._stop_host, args=(h, timeout), daemon=True,
-                                            name=f"qsae-launch stop {h.display}") for h in hosts]
-                for th in threads:
-                    th.start()
-                deadline = time.monotonic() + timeout + 2 * self.connect_timeout + 1
-                for th in threads:
-                    th.join(max(0.0, deadline - time.monotonic()))
-                self._join_pumps(time.monotonic() + 2.0)
-            finally:
-                self._stopped = True
-                self._stopping = False
-                _live_launchers.discard(self)
-
-    def wait(self, timeout: float | None = None) -> list[int | None]:
-        """Wait for the workers' exit; a worker killed by a signal reports -1 (SSH sends no code)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        codes: list[int | None] = []
-        for w in self._workers:
-            chan = w.channel
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if chan is None or not chan.status_event.wait(left):
-                codes.append(w.exit_code)
-            else:
-                codes.append(chan.exit_status)
-        return codes
-
+    def _stop_workers(self, timeout: float) -> None:
+        """Every host at once: SIGTERM over its connection, grace, SIGKILL, close."""
+        hosts = [h for h in self._hosts if h.clients or h.workers]
+        threads = [threading.Thread(target=self._stop_host, args=(h, timeout), daemon=True,
+                                    name=f"qsae-launch stop {h.display}") for h in hosts]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + timeout + 2 * self.connect_timeout + 1
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
