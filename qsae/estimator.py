@@ -280,13 +280,14 @@ class SparseAutoencoder:
 
         options = {"sampler": array_sampler(X), "config": cfg, "seed": seed} if method == "sgd" else {}
         try:
-            if self.workers is None:
-                result = minimize(lambda th: cost_and_grad(th, X, cfg), theta0, method=method, maxiter=maxiter,
-                                  **options)
-            else:
-                with self._master(cfg) as master:
-                    master.scatter(X)
-                    result = master.fit(theta0, method=method, maxiter=maxiter, **options)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # a non-finite cost raises instead
+                if self.workers is None:
+                    result = minimize(lambda th: cost_and_grad(th, X, cfg), theta0, method=method, maxiter=maxiter,
+                                      **options)
+                else:
+                    with self._master(cfg) as master:
+                        master.scatter(X)
+                        result = master.fit(theta0, method=method, maxiter=maxiter, **options)
         except NumericalError as e:
             lo, hi = float(X.min()), float(X.max())
             if lo < 0 or hi > 1:  # saturated sigmoids: p_j of exactly 0 or 1 makes the KL term infinite

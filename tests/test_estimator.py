@@ -1,0 +1,301 @@
+"""SparseAutoencoder: scikit-learn's conventions, model.npz in and out, workers, new images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsae.data import DataSpec, extract_patches, load_images, sample_patches
+from qsae.errors import ConfigError, DataError, HostsFileError, NumericalError
+from qsae.estimator import SparseAutoencoder
+from qsae.model import SAEConfig, cost_and_grad, init_params
+from qsae.optim import minimize
+from qsae.train import load_model, save_model
+
+sklearn = pytest.importorskip("sklearn", reason="scikit-learn is a test extra: pip install -e .[test]")
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(120)
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.fixture(scope="module")
+def patches():
+    return sample_patches(load_images(), 2000, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(patches):
+    return SparseAutoencoder(n_hidden=12, max_iter=30, random_state=3).fit(patches)
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def test_init_stores_parameters_as_given_and_params_round_trip(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    sae = SparseAutoencoder(n_hidden=50, weight_decay=0.002, workers=hosts, random_state=np.random.RandomState(0))
+    assert sae.workers is hosts and sae.n_hidden == 50
+    params = sae.get_params()
+    assert list(params) == ["n_hidden", "weight_decay", "sparsity_weight", "sparsity_target", "optimizer", "max_iter",
+                            "protocol", "dtype", "random_state", "workers"]
+    assert SparseAutoencoder(**params).get_params() == params
+    assert sae.set_params(n_hidden=7, optimizer="cg") is sae and sae.n_hidden == 7 and sae.optimizer == "cg"
+    with pytest.raises(ConfigError, match="Invalid parameter 'hidden'.*n_hidden"):
+        sae.set_params(hidden=3)
+    assert repr(SparseAutoencoder()) == "SparseAutoencoder()"
+    assert repr(SparseAutoencoder(n_hidden=100, max_iter=50)) == "SparseAutoencoder(n_hidden=100, max_iter=50)"
+    assert vars(SparseAutoencoder()).keys() == set(params)  # nothing else set in __init__
+
+
+def test_clone_copies_parameters_not_weights(fitted):
+    from sklearn.base import clone
+
+    copy = clone(fitted)
+    assert copy.get_params() == fitted.get_params() and copy is not fitted
+    assert not hasattr(copy, "components_")
+
+
+def test_fit_returns_self_and_learns_the_documented_arrays(patches):
+    sae = SparseAutoencoder(n_hidden=12, max_iter=20, random_state=0)
+    assert sae.fit(patches) is sae
+    assert sae.n_features_in_ == 64 and sae.n_iter_ == 20
+    assert sae.components_.shape == (12, 64) and sae.intercept_.shape == (12,)
+    assert sae.decoder_weights_.shape == (64, 12) and sae.decoder_intercept_.shape == (64,)
+    assert sae.sigma_ is None and sae.data_ is None  # fitted on X, not on images
+
+
+def test_fit_is_the_in_process_optimizer_from_init_params(patches):
+    """A thin front: the same θ as minimize(cost_and_grad) from init_params(random_state)."""
+    cfg = SAEConfig(n_hidden=12)
+    ref = minimize(lambda th: cost_and_grad(th, patches, cfg), init_params(cfg, seed=5), maxiter=15).x
+    sae = SparseAutoencoder(n_hidden=12, max_iter=15, random_state=5).fit(patches)
+    assert np.array_equal(sae.components_, ref[: 12 * 64].reshape(12, 64))
+    assert np.array_equal(sae.decoder_intercept_, ref[-64:])
+
+
+def test_transform_and_inverse_transform_are_the_two_layers(fitted, patches):
+    X = patches[:300]
+    H = fitted.transform(X)
+    assert H.shape == (300, 12) and H.dtype == np.float64
+    np.testing.assert_allclose(H, sigmoid(X @ fitted.components_.T + fitted.intercept_), rtol=1e-12)
+    R = fitted.inverse_transform(H)
+    np.testing.assert_allclose(R, sigmoid(H @ fitted.decoder_weights_.T + fitted.decoder_intercept_), rtol=1e-12)
+    assert np.mean((R - X) ** 2) < np.mean((X - X.mean()) ** 2)  # it reconstructs better than a constant
+    assert np.array_equal(fitted.fit_transform(patches)[:300], H)  # same random_state: same fit
+    names = fitted.get_feature_names_out()
+    assert list(names[:2]) == ["sparseautoencoder0", "sparseautoencoder1"] and len(names) == 12
+
+
+def test_random_state(patches):
+    def W(rs, n=2):
+        return SparseAutoencoder(n_hidden=8, max_iter=n, random_state=rs).fit(patches).components_
+
+    assert np.array_equal(W(4), W(4))
+    assert not np.array_equal(W(4), W(5))
+    assert np.array_equal(W(np.random.RandomState(9)), W(np.random.RandomState(9)))
+    assert np.array_equal(W(np.random.default_rng(9)), W(np.random.default_rng(9)))
+    np.random.seed(1)
+    a = W(None)
+    np.random.seed(1)
+    assert np.array_equal(a, W(None))  # None draws from numpy's global state, as in scikit-learn
+    assert not np.array_equal(a, W(None))
+    with pytest.raises(ConfigError, match="random_state='x'"):
+        W("x")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def test_inputs_are_validated_with_names_and_fixes(fitted, patches):
+    with pytest.raises(DataError, match="X has 63 features, but SparseAutoencoder is expecting 64 features"):
+        fitted.transform(patches[:5, :63])
+    bad = patches[:5].copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(DataError, match="1 NaN or Inf"):
+        fitted.transform(bad)
+    with pytest.raises(DataError, match="1 NaN or Inf"):
+        SparseAutoencoder().fit(bad)
+    with pytest.raises(DataError, match=r"shape \(64,\); expected a 2-D array.*reshape\(1, -1\)"):
+        fitted.transform(patches[0])
+    with pytest.raises(DataError, match="0 sample"):
+        SparseAutoencoder().fit(np.empty((0, 4)))
+    with pytest.raises(DataError, match="Complex data not supported"):
+        SparseAutoencoder().fit(patches[:5] + 0j)
+    with pytest.raises(DataError, match="dtype <U1; pass numbers"):
+        SparseAutoencoder().fit(np.array([["a", "b"]]))
+    from scipy.sparse import csr_matrix
+
+    with pytest.raises(DataError, match="sparse input is not supported"):
+        SparseAutoencoder().fit(csr_matrix(patches[:5]))
+    with pytest.raises(DataError, match="H has 3 hidden units, but SparseAutoencoder is expecting 12"):
+        fitted.inverse_transform(np.zeros((2, 3)))
+    with pytest.raises(ConfigError, match="not fitted yet; call fit"):
+        SparseAutoencoder().transform(patches)
+    assert fitted.transform(patches[:4].tolist()).shape == (4, 12)  # lists and ints are fine
+    assert fitted.transform((patches[:4] * 10).astype(np.int32)).shape == (4, 12)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"optimizer": "adam"}, "optimizer='adam'; choose one of lbfgs, cg, sgd"),
+    ({"protocol": "fast"}, "unknown protocol 'fast'"),
+    ({"max_iter": 0}, "max_iter=0 must be a positive integer"),
+    ({"dtype": "float16"}, "float32 or float64"),
+    ({"n_hidden": 0}, "n_hidden=0 must be a positive integer"),
+    ({"sparsity_target": 1.5}, "sparsity_target=1.5"),
+    ({"workers": 0}, "workers=0: pass None"),
+    ({"workers": True}, "workers=True: pass None"),
+])
+def test_bad_parameters_fail_in_fit_before_any_work(params, match):
+    sae = SparseAutoencoder(**params)  # __init__ checks nothing
+    with pytest.raises(ConfigError, match=match):
+        sae.fit(np.full((10, 4), 0.5))
+
+
+def test_unscaled_inputs_say_to_scale_them():
+    X = np.random.default_rng(0).normal(100, 1, size=(30, 3))
+    with pytest.raises(NumericalError) as e:
+        SparseAutoencoder(random_state=0).fit(X)
+    assert "MinMaxScaler" in "".join(e.value.__notes__)
+
+
+def test_float32(patches):
+    a = SparseAutoencoder(n_hidden=10, max_iter=10, random_state=0).fit(patches)
+    b = SparseAutoencoder(n_hidden=10, max_iter=10, random_state=0, dtype="float32").fit(patches)
+    Hb = b.transform(patches)
+    assert Hb.dtype == np.float32
+    np.testing.assert_allclose(Hb, a.transform(patches), atol=1e-3)
+    np.testing.assert_allclose(b.components_, a.components_, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- scikit-learn
+
+
+@pytest.mark.filterwarnings("ignore:Estimator SparseAutoencoder does not inherit:UserWarning")  # by design
+def test_check_estimator():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    saturated = ("inputs drawn around 100 saturate every sigmoid, so the cost is +inf; fit raises NumericalError "
+                 "with a note to scale X into [0, 1]")
+    expected = {
+        "check_dtype_object": "a dict inside X is a DataError (a ValueError: qsae's one tree), not a TypeError",
+        "check_fit_idempotent": saturated,
+        "check_fit_check_is_fitted": saturated,
+        "check_n_features_in": saturated,
+    }
+    for sae in (SparseAutoencoder(max_iter=20), SparseAutoencoder(max_iter=20, dtype="float32")):
+        results = check_estimator(sae, expected_failed_checks=expected, on_skip=None)  # raises on any other failure
+        status = {r["check_name"]: r["status"] for r in results}
+        assert {k for k, v in status.items() if v == "xfail"} == set(expected)  # they still fail, for those reasons
+        assert sum(v == "passed" for v in status.values()) >= 40
+
+
+def test_pipeline_on_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    X, y = load_digits(return_X_y=True)
+    pipe = make_pipeline(MinMaxScaler(feature_range=(0.1, 0.9)), SparseAutoencoder(n_hidden=64, max_iter=100, random_state=0),
+                         LogisticRegression(max_iter=2000))
+    pipe.set_params(sparseautoencoder__sparsity_target=0.05)
+    pipe.fit(X[:1200], y[:1200])
+    assert pipe.score(X[1200:], y[1200:]) > 0.85  # chance is 0.1; raw pixels score about 0.92 here
+    sae = pipe.named_steps["sparseautoencoder"]
+    assert sae.sparsity_target == 0.05 and sae.n_features_in_ == 64
+
+
+# ---------------------------------------------------------------------------- model.npz
+
+
+def test_save_load_round_trip(fitted, patches, tmp_path):
+    path = fitted.save(tmp_path / "m.npz")
+    back = SparseAutoencoder.load(path)
+    assert back.get_params() == fitted.get_params()
+    assert np.array_equal(back.transform(patches), fitted.transform(patches))
+    assert np.array_equal(back.inverse_transform(back.transform(patches[:9])), fitted.inverse_transform(fitted.transform(patches[:9])))
+    theta, cfg, meta = load_model(path)  # the training run's reader reads it too
+    assert cfg == SAEConfig(n_hidden=12) and theta.shape == (cfg.n_params,) and meta["finished"] is True
+
+
+def test_hosts_file_path_goes_to_the_ssh_launcher(tmp_path):
+    with pytest.raises(HostsFileError, match="cannot read hosts file .*nothere.txt"):
+        SparseAutoencoder(workers=str(tmp_path / "nothere.txt"), max_iter=1).fit(np.full((10, 4), 0.5))
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A model.npz written by `qsae-master --local --patches 2000 --iters 5`."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "bin" / "qsae-master"), "--local", "--patches", "2000", "--iters", "5",
+                        "--hidden", "16", "--seed", "2", "--out", str(out), "-q"],
+                       env=env, capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0, p.stderr
+    return out / "model.npz"
+
+
+def test_load_a_qsae_master_run(cli_run):
+    theta, cfg, meta = load_model(cli_run)
+    spec = DataSpec.from_dict(meta["data"])
+    sae = SparseAutoencoder.load(cli_run)
+    assert sae.n_hidden == 16 and sae.random_state == 2 and sae.optimizer == "lbfgs" and sae.n_iter_ == 5
+    assert sae.data_ == spec.to_dict() and sae.sigma_ == spec.sigma()
+    X = spec.build()
+    W1, b1 = theta[: 16 * 64].reshape(16, 64), theta[2 * 16 * 64 : 2 * 16 * 64 + 16]
+    np.testing.assert_allclose(sae.transform(X), sigmoid(X @ W1.T + b1), rtol=1e-12)
+    # refitting the loaded estimator on the run's patches repeats the run: same start, same optimizer
+    again = SparseAutoencoder(**sae.get_params()).set_params(max_iter=5).fit(X)
+    np.testing.assert_allclose(again.components_, sae.components_, rtol=0, atol=1e-9)
+
+
+def test_load_recomputes_a_missing_sigma(cli_run, tmp_path):
+    theta, cfg, meta = load_model(cli_run)
+    meta.pop("sigma", None)
+    old = save_model(tmp_path / "old.npz", theta, cfg, **meta)
+    assert "sigma" not in json.loads(str(np.load(old)["meta"]))
+    assert SparseAutoencoder.load(old).sigma_ == DataSpec.from_dict(meta["data"]).sigma()
+    meta["data"] = {**meta["data"], "source": str(tmp_path / "gone")}  # and without its images: a warning, no σ
+    gone = SparseAutoencoder.load(save_model(tmp_path / "gone.npz", theta, cfg, **meta))
+    assert gone.sigma_ is None
+    with pytest.raises(ConfigError, match="no σ for patch normalisation"):
+        gone.extract_patches(np.zeros((16, 16)))
+
+
+def test_patches_of_new_images_are_normalised_like_the_training_set(cli_run, tmp_path):
+    sae = SparseAutoencoder.load(cli_run)
+    spec = DataSpec.from_dict(sae.data_)
+    images = spec.images()
+    P = sae.extract_patches(images[:2], stride=4)
+    assert np.array_equal(P, extract_patches(images[:2], 8, stride=4, sigma=spec.sigma()))
+    assert sae.transform(P).shape == (len(P), 16)
+    import matplotlib.image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    raw = load_images(whiten=False)[0][:64, :96]
+    matplotlib.image.imsave(folder / "a.png", raw, cmap="gray", vmin=0, vmax=1)
+    from_path = sae.extract_patches(folder)  # a folder of photographs is whitened, as the builtin ones were
+    assert from_path.shape == ((64 // 8) * (96 // 8), 64)
+    assert np.array_equal(from_path, extract_patches(load_images(folder), sigma=spec.sigma()))
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def test_two_local_workers_learn_what_one_process_learns(patches):
+    one = SparseAutoencoder(n_hidden=12, max_iter=6, random_state=0).fit(patches)
+    two = SparseAutoencoder(n_hidden=12, max_iter=6, random_state=0, workers=2).fit(patches)
+    np.testing.assert_allclose(two.components_, one.components_, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(two.transform(patches), one.transform(patches), rtol=0, atol=1e-6)
+    assert two.n_iter_ == one.n_iter_ == 6
