@@ -4,49 +4,86 @@
     qsae-master                               train with one local worker per core
     qsae-master --workers 2                   ... with 2 local workers
     qsae-master --hosts hosts/yggdrasil.txt   ... with workers started over SSH
+    qsae-master --slurm                       ... with workers started by srun inside an allocation
     qsae-master --wait-for 4 --bind 0.0.0.0   ... with workers started by hand
     qsae-worker --connect tcp://MASTER:PORT   a hand-started worker
+
+Every argument is checked before anything is written or any worker starts; a run never
+replaces a directory that holds one (``--resume`` continues it, ``--force`` replaces it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import QsaeError
+from .errors import ConfigError, QsaeError
 
 __all__ = ["master_main", "worker_main", "build_parser"]
 
 log = logging.getLogger("qsae")
 
+RUN_FILES = ("model.npz", "history.jsonl")  # a directory holding either holds a run
+
+_MODES = """\
+where the cost is computed (give at most one):
+  --local        in this process, no workers (the baseline)
+  --workers N    N local worker processes
+  --hosts FILE   workers started over SSH, as the hosts file lists them
+  --slurm        workers started by srun, one per task of the Slurm allocation
+  --wait-for N   N workers started by hand with qsae-worker (needs --keys or --insecure)
+  none of them   one local worker process per core ({cores} on this machine)
+"""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``(default: X)`` after every option's help; the description's layout kept. Options whose
+    default is None say in words what their absence means; switches are off by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The qsae-master argument parser (every option has a default and one line of help)."""
     p = argparse.ArgumentParser(
-        prog="qsae-master",
-        description="Train a sparse autoencoder on natural-image patches, in one process or with workers.",
+        prog="qsae-master", formatter_class=_Help,
+        description="Train a sparse autoencoder on natural-image patches, in one process or with workers.\n\n"
+                    + _MODES.format(cores=os.cpu_count() or 1),
     )
     p.add_argument("--version", action="version", version=f"qsae {__version__}")
     where = p.add_argument_group("where the cost is computed")
     where.add_argument("--local", action="store_true", help="compute in this process, no workers (the baseline)")
-    where.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
-    where.add_argument("--hosts", type=Path, default=None, help="hosts file: start workers over SSH (see hosts/README.md)")
-    where.add_argument("--wait-for", type=int, default=None, help="wait for N hand-started qsae-worker processes")
+    where.add_argument("--workers", type=int, default=None, metavar="N", help="local worker processes (default: one per core)")
+    where.add_argument("--hosts", type=Path, default=None, metavar="FILE", help="hosts file: start workers over SSH (see hosts/README.md; default: none)")
+    where.add_argument("--slurm", action="store_true", help="start workers with srun inside a Slurm allocation")
+    where.add_argument("--wait-for", type=int, default=None, metavar="N", help="wait for N hand-started qsae-worker processes (default: none)")
+    where.add_argument("--min-workers", type=int, default=None, metavar="N",
+                       help="go on once this many workers have started (default: all of them)")
     where.add_argument("--bind", default=None, help="address the master binds (default: the one that reaches the workers)")
-    where.add_argument("--port", type=int, default=0, help="port the master binds (default: any free port)")
+    where.add_argument("--port", type=int, default=0, help="port the master binds (0: any free port)")
     where.add_argument("--protocol", choices=("exact", "average"), default="exact",
                        help="exact: equal to the one-process cost; average: the report's approximation")
-    where.add_argument("--keys", default=None, help="CURVE key directory for hand-started workers (see --make-keys)")
-    where.add_argument("--make-keys", default=None, metavar="DIR",
-                       help="write a server and a worker key pair to DIR and exit")
-    where.add_argument("--insecure", action="store_true", help="no CURVE encryption or authentication (warns)")
-    where.add_argument("--accept-new-host-keys", action="store_true", help="trust SSH hosts not yet in known_hosts")
-    where.add_argument("--min-workers", type=int, default=None, help="go on if at least this many workers start")
-    where.add_argument("--ssh-config", default="~/.ssh/config", help="OpenSSH client config for --hosts")
+    where.add_argument("--balance", choices=("measured", "static"), default="measured",
+                       help="measured: rows follow each worker's measured speed; static: by declared cores")
+    where.add_argument("--worker-timeout", type=float, default=5.0, help="seconds of silence after which a worker is lost")
+    where.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the workers' HELLOs")
+    where.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for an SSH connection")
+    keys = p.add_argument_group("keys (hand-started workers)")
+    keys.add_argument("--keys", default=None, metavar="DIR",
+                      help="CURVE key directory made by --make-keys; workers get DIR/worker (default: keys made for this run, for launched workers)")
+    keys.add_argument("--make-keys", default=None, metavar="DIR",
+                      help="write the master's keys to DIR and the workers' to DIR/worker, then exit (default: no)")
+    keys.add_argument("--insecure", action="store_true", help="no CURVE encryption or authentication (warns)")
+    keys.add_argument("--accept-new-host-keys", action="store_true", help="trust SSH hosts not yet in known_hosts")
+    keys.add_argument("--ssh-config", default="~/.ssh/config", help="OpenSSH client config for --hosts")
     data = p.add_argument_group("data")
     data.add_argument("--images", default="builtin",
                       help="'builtin' (ten images shipped with scikit-image), IMAGES.mat, .npy/.npz, or a folder of PNG/JPEG")
@@ -54,25 +91,94 @@ def build_parser() -> argparse.ArgumentParser:
                       help="whiten the images (auto: yes for photos, no for .mat/.npy already whitened)")
     data.add_argument("--patches", type=int, default=10_000, help="number of patches m")
     data.add_argument("--patch-size", type=int, default=8, help="patch side (n_visible = side²)")
+    data.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                      help="precision of the patches and of the workers' arithmetic")
     model = p.add_argument_group("model")
     model.add_argument("--preset", choices=("default", "report", "ufldl"), default="default",
                        help="settings: default (sharp edges), report (h=30, λ=0.002, β=4, ρ=0.002), ufldl")
-    model.add_argument("--hidden", type=int, default=None, help="hidden units h (overrides the preset)")
-    model.add_argument("--weight-decay", type=float, default=None, help="λ (overrides the preset)")
-    model.add_argument("--beta", type=float, default=None, help="sparsity weight β (overrides the preset)")
-    model.add_argument("--rho", type=float, default=None, help="sparsity target ρ (overrides the preset)")
+    model.add_argument("--hidden", type=int, default=None, help="hidden units h (default: the preset's)")
+    model.add_argument("--weight-decay", type=float, default=None, help="λ (default: the preset's)")
+    model.add_argument("--beta", type=float, default=None, help="sparsity weight β (default: the preset's)")
+    model.add_argument("--rho", type=float, default=None, help="sparsity target ρ (default: the preset's)")
     run = p.add_argument_group("run")
     run.add_argument("--optimizer", choices=("lbfgs", "cg", "sgd"), default="lbfgs", help="optimizer")
-    run.add_argument("--iters", type=int, default=400, help="optimizer iterations")
+    run.add_argument("--iters", type=int, default=400, help="optimizer iterations (with --resume: in all)")
     run.add_argument("--seed", type=int, default=0, help="seed of the patches and the initial weights")
-    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
-    run.add_argument("--resume", type=Path, default=None,
-                     help="continue the run in DIR from its model.npz (same data and model; --iters counts all)")
+    run.add_argument("--out", type=Path, default=Path("runs/latest"),
+                     help="output directory; refused if it holds a run (see --resume, --force)")
+    run.add_argument("--force", action="store_true", help="replace the run in --out (its model.npz and history)")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                     help="continue the run in DIR from its model.npz (same data and model; --iters counts all; default: a new run)")
     run.add_argument("--checkpoint-every", type=int, default=10, help="iterations between checkpoints of model.npz")
     run.add_argument("--threads", type=int, default=1,
                      help="BLAS threads of the master's own arithmetic (--local) and of each worker")
-    run.add_argument("-q", "--quiet", action="store_true", help="no per-iteration lines")
+    talk = run.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="no per-iteration or worker lines, warnings only")
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug lines, paramiko's too")
     return p
+
+
+def _explicit(argv: list[str] | None) -> set[str]:
+    """The destinations of the options given on the command line (not left at their default)."""
+    p = build_parser()
+    for action in p._actions:  # a default of SUPPRESS leaves the attribute unset unless given
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------- checks (nothing written yet)
+def _check_args(args: argparse.Namespace, given: set[str]) -> None:
+    """Every flag alone and in combination; a ConfigError naming the flag and the fix."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    modes = [f for f, on in (("--local", args.local), ("--workers", args.workers is not None),
+                              ("--hosts", args.hosts is not None), ("--slurm", args.slurm),
+                              ("--wait-for", args.wait_for is not None)) if on]
+    need(len(modes) <= 1, f"{' and '.join(modes)} are different ways to run: give one of them (no flag: one local "
+                          f"worker per core)")
+    need(args.workers is None or args.workers >= 1,
+         f"--workers {args.workers}: give N >= 1 local workers (or leave it out for one per core, or --local)")
+    need(args.wait_for is None or args.wait_for >= 1, f"--wait-for {args.wait_for}: give N >= 1 hand-started workers")
+    if args.min_workers is not None:
+        need(not args.local, "--min-workers means nothing with --local (no workers): drop one of them")
+        need(args.min_workers >= 1, f"--min-workers {args.min_workers}: give N >= 1")
+        n = args.workers if args.workers is not None else args.wait_for
+        need(n is None or args.min_workers <= n,
+             f"--min-workers {args.min_workers} is more than the {n} workers asked for: give at most {n}")
+    need(args.patches >= 1, f"--patches {args.patches}: give the number of patches, >= 1 (e.g. 10000)")
+    need(args.patch_size >= 1, f"--patch-size {args.patch_size}: give the patch side in pixels, >= 1 (e.g. 8)")
+    need(args.iters >= 1, f"--iters {args.iters}: give the number of optimizer iterations, >= 1 (e.g. 400)")
+    need(args.checkpoint_every >= 0, f"--checkpoint-every {args.checkpoint_every}: give >= 0 (0: at the end only)")
+    need(args.threads >= 1, f"--threads {args.threads}: give >= 1 BLAS threads")
+    need(0 <= args.port <= 65535, f"--port {args.port}: give 0 (any free port) or a port from 1 to 65535")
+    need(args.hidden is None or args.hidden >= 1, f"--hidden {args.hidden}: give >= 1 hidden units (e.g. 30)")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--beta", args.beta)):
+        need(value is None or value >= 0, f"{flag} {value}: give a number >= 0")
+    need(args.rho is None or 0 < args.rho < 1, f"--rho {args.rho}: sparsity_target={args.rho} must lie strictly "
+                                               f"between 0 and 1 (e.g. 0.01)")
+    for flag in ("worker_timeout", "start_timeout", "connect_timeout"):
+        value = getattr(args, flag)
+        need(value > 0, f"--{flag.replace('_', '-')} {value}: give a number of seconds > 0")
+    need(not (args.keys and args.insecure), "--keys and --insecure contradict each other: give one")
+    need(not (args.wait_for and not args.keys and not args.insecure),
+         "--wait-for needs --keys DIR (make it with `qsae-master --make-keys DIR`; workers get --keys DIR/worker) "
+         "or --insecure")
+    if args.hosts is not None:
+        need(args.hosts.is_file(), f"--hosts {args.hosts}: no such file (see hosts/README.md for its format)")
+    if args.resume is not None:
+        need(not args.force, "--force starts a new run and --resume continues one: give one of them")
+        need("out" not in given or args.out == args.resume,
+             f"--resume {args.resume} continues the run in {args.resume}: drop --out {args.out}")
+        need((args.resume / "model.npz").is_file(),
+             f"--resume {args.resume}: no run there (no {args.resume / 'model.npz'}); start one with --out {args.resume}")
+    else:
+        held = [f for f in RUN_FILES if (args.out / f).exists()]
+        need(not held or args.force,
+             f"{args.out} holds a run ({', '.join(held)}): continue it with --resume {args.out}, replace it with "
+             f"--force, or give another --out")
+        need(not args.out.exists() or args.out.is_dir(), f"--out {args.out} is a file: give a directory")
 
 
 def _config(args: argparse.Namespace):
@@ -98,42 +204,131 @@ def _data_spec(args: argparse.Namespace):
     return DataSpec(source=str(args.images), whiten=whiten, m=args.patches, patch_size=args.patch_size, seed=args.seed)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .data import DataSpec
-    from .model import cost_and_grad, init_params
-    from .train import RunSpec, load_model, train
+def _contradictions(args: argparse.Namespace, given: set[str], cfg, data: dict, meta: dict) -> list[str]:
+    """'--flag value (the run has saved)' for every explicit flag the saved run contradicts."""
+    from .model import SAEConfig
 
+    out = []
+
+    def check(dest: str, flag: str, wanted, saved) -> None:
+        if dest in given and wanted != saved:
+            out.append(f"{flag} {wanted} (the run has {saved})")
+
+    check("patches", "--patches", args.patches, data.get("m"))
+    check("patch_size", "--patch-size", args.patch_size, data.get("patch_size"))
+    check("seed", "--seed", args.seed, data.get("seed"))
+    if "images" in given and str(args.images) != data.get("source") and \
+            Path(args.images).resolve() != Path(str(data.get("source"))).resolve():
+        out.append(f"--images {args.images} (the run has {data.get('source')})")
+    if "whiten" in given and {"auto": None, "yes": True, "no": False}[args.whiten] != data.get("whiten"):
+        saved = {None: "auto", True: "yes", False: "no"}.get(data.get("whiten"), data.get("whiten"))
+        out.append(f"--whiten {args.whiten} (the run has {saved})")
+    check("optimizer", "--optimizer", args.optimizer, meta.get("optimizer", "lbfgs"))
+    check("dtype", "--dtype", args.dtype, meta.get("dtype", "float64"))
+    preset = SAEConfig.preset(args.preset) if "preset" in given else None
+    differ = []
+    for dest, flag, field in (("hidden", "--hidden", "n_hidden"), ("weight_decay", "--weight-decay", "weight_decay"),
+                              ("beta", "--beta", "sparsity_weight"), ("rho", "--rho", "sparsity_target")):
+        saved = getattr(cfg, field)
+        if dest in given:
+            check(dest, flag, getattr(args, dest), saved)
+        elif preset is not None and getattr(preset, field) != saved:
+            differ.append(f"{field} {getattr(preset, field)} where the run has {saved}")
+    if differ:
+        out.append(f"--preset {args.preset} ({', '.join(differ)})")
+    return out
+
+
+def _plan(args: argparse.Namespace, given: set[str]) -> dict:
+    """Everything the run needs, checked, before anything is written: config, data, θ0, where."""
+    from .data import DataSpec
+    from .model import init_params
+    from .train import load_model, read_history
+
+    _check_args(args, given)
     if args.resume is not None:
-        theta0, cfg, meta = load_model(args.resume / "model.npz")
+        try:
+            theta0, cfg, meta = load_model(args.resume / "model.npz")
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--resume {args.resume}: cannot read {args.resume / 'model.npz'} ({e})") from e
+        wrong = _contradictions(args, given, cfg, meta["data"], meta)
+        if wrong:
+            raise ConfigError(f"--resume {args.resume}: {'; '.join(wrong)}: a resumed run keeps its data, model and "
+                              f"optimizer; drop these flags, or start a new run with another --out")
         spec_data, done = DataSpec.from_dict(meta["data"]), int(meta["iteration"])
-        args.optimizer, args.out = meta.get("optimizer", args.optimizer), args.resume
-        if done >= args.iters:
-            print(f"{args.resume} already has {done} iterations (--iters {args.iters}): nothing to do")
-            return 0
+        args.optimizer, args.dtype, args.out = meta.get("optimizer", args.optimizer), meta.get("dtype", "float64"), args.resume
+        history = read_history(args.resume / "history.jsonl")
+        seconds = float(meta.get("seconds", next((h["seconds"] for h in reversed(history)
+                                                    if h["iteration"] == done), 0.0)))
+    else:
+        cfg, spec_data, done, seconds = _config(args), _data_spec(args), 0, 0.0
+        theta0 = init_params(cfg, seed=args.seed)
+    images = spec_data.images()  # unreadable or missing images fail here, before any worker starts
+    from .data import check_patches_match, patch_sigma, sample_patches
+
+    check_patches_match(spec_data.patch_size, cfg.n_visible)
+    sigma = patch_sigma(images, spec_data.patch_size, spec_data.seed)
+    sample_patches(images, spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed, lo=0, hi=1, sigma=sigma)
+    _master_keywords(args)  # a flag this master cannot honour fails here, not after the log is opened
+    n = _n_workers(args)
+    if n is not None and spec_data.m < n:
+        raise ConfigError(f"--patches {spec_data.m} is fewer than the {n} workers: give --patches >= {n}, fewer "
+                          f"workers, or --local")
+    return {"cfg": cfg, "data": spec_data, "done": done, "seconds": seconds, "theta0": theta0, "images": images,
+            "sigma": sigma}
+
+
+def _n_workers(args: argparse.Namespace) -> int | None:
+    """The workers the run will start, where known before starting them."""
+    if args.local:
+        return None
+    if args.workers is not None:
+        return args.workers
+    if args.wait_for is not None:
+        return args.wait_for
+    if args.hosts is not None or args.slurm:
+        return None
+    return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------- the run
+def _run(args: argparse.Namespace, given: set[str]) -> int:
+    import numpy as np
+
+    from .data import sample_patches
+    from .model import cost_and_grad
+    from .train import RunSpec, train
+
+    plan = _plan(args, given)  # raises before anything is written
+    cfg, spec_data, done = plan["cfg"], plan["data"], plan["done"]
+    if done >= args.iters:
+        print(f"{args.resume} already has {done} iterations (--iters {args.iters}): nothing to do")
+        return 0
+    _open_log(args)  # the first thing written
+    if args.resume is not None:
         print(f"resuming {args.resume} at iteration {done} with {args.optimizer}"
               + ("; L-BFGS starts with an empty memory (its curvature pairs are not saved)"
                  if args.optimizer == "lbfgs" else ""))
-    else:
-        cfg, spec_data, done = _config(args), _data_spec(args), 0
-        theta0 = init_params(cfg, seed=args.seed)
     echo = (lambda s: None) if args.quiet else print
     spec = RunSpec(config=cfg, data=spec_data.to_dict(), method=args.optimizer, maxiter=args.iters - done,
-                   out=args.out, checkpoint_every=args.checkpoint_every, start_iteration=done)
+                   out=args.out, checkpoint_every=args.checkpoint_every, start_iteration=done,
+                   start_seconds=plan["seconds"], meta={"sigma": plan["sigma"], "dtype": args.dtype})
     needs_local_X = args.local or args.optimizer == "sgd"
-    X = spec_data.build() if needs_local_X else None
+    dtype = {} if args.dtype == "float64" else {"dtype": np.dtype(args.dtype)}
+    X = sample_patches(plan["images"], spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed,
+                       sigma=plan["sigma"], **dtype) if needs_local_X else None
     if args.optimizer == "sgd":
         from .optim import array_sampler
 
         spec.options = {"sampler": array_sampler(X), "config": cfg, "seed": args.seed}
     if args.local:
         print(f"qsae {__version__}: {cfg}, {X.shape[0]} patches, in this process")
-        result = train(lambda th: cost_and_grad(th, X, cfg), theta0, spec, echo=echo)
+        result = train(lambda th: cost_and_grad(th, X, cfg), plan["theta0"], spec, echo=echo)
         return _exit_status(result)
     with _master(args, cfg) as master:
-        images = spec_data.images()
-        master.scatter_images(images, m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
+        master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
         print(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
-        result = train(master, theta0, spec, echo=echo)
+        result = train(master, plan["theta0"], spec, echo=echo)
     return _exit_status(result)
 
 
@@ -142,10 +337,45 @@ def _exit_status(result) -> int:
     return {0: 0, 1: 0, 2: 0, 130: 130}.get(result.status, 1)
 
 
+def _master_keywords(args: argparse.Namespace) -> dict:
+    """Master keywords of the features being added (dtype, balance, min_workers, on_event, a
+    Slurm launcher): each passed only when asked for, and refused by name when this Master
+    cannot take it, so the defaults run on any Master."""
+    import inspect
+
+    if args.local:
+        return {}
+    from .master import Master
+
+    accepts = inspect.signature(Master).parameters
+    wanted = {}
+    if args.dtype != "float64":
+        wanted["dtype"] = ("--dtype", args.dtype)
+    if args.balance != "measured":
+        wanted["balance"] = ("--balance", args.balance)
+    if args.min_workers is not None and args.hosts is None:  # with --hosts the SSHLauncher takes it too
+        wanted["min_workers"] = ("--min-workers", args.min_workers)
+    missing = [f"{flag} {value}" for key, (flag, value) in wanted.items() if key not in accepts]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: not supported by this version's master; leave it out")
+    out = {key: value for key, (flag, value) in wanted.items()}
+    if "on_event" in accepts:
+        out["on_event"] = _EventLog(args.out / "workers.jsonl", quiet=args.quiet)
+    if args.min_workers is not None and args.hosts is not None and "min_workers" in accepts:
+        out["min_workers"] = args.min_workers
+    if args.slurm:
+        try:
+            from .launch import SlurmLauncher  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"--slurm: this version has no Slurm launcher ({e}); use --hosts or --wait-for") from e
+    return out
+
+
 def _master(args: argparse.Namespace, cfg):
     from .master import Master
 
-    options = dict(config=cfg, protocol=args.protocol, port=args.port, keys=args.keys)
+    options = dict(config=cfg, protocol=args.protocol, port=args.port, keys=args.keys,
+                   worker_timeout=args.worker_timeout, start_timeout=args.start_timeout, **_master_keywords(args))
     if args.insecure:
         options["curve"] = False
     if args.bind:
@@ -154,29 +384,90 @@ def _master(args: argparse.Namespace, cfg):
         from .launch import SSHLauncher, parse_hosts
 
         launcher = SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
-                               min_workers=args.min_workers, ssh_config=args.ssh_config)
+                               min_workers=args.min_workers, ssh_config=args.ssh_config,
+                               connect_timeout=args.connect_timeout)
         return Master(launcher=launcher, **options)
+    if args.slurm:
+        from .launch import SlurmLauncher
+
+        return Master(launcher=SlurmLauncher(), **options)
     if args.wait_for is not None:
         return Master(workers=0, wait_for=args.wait_for, **options)
     return Master(workers=args.workers or os.cpu_count() or 1, **options)
+
+
+class _EventLog:
+    """Master(on_event=...): every membership or placement event as a line of DIR/workers.jsonl,
+    and unless quiet a short summary, one line per worker: name state rows rows/s."""
+
+    def __init__(self, path: Path, quiet: bool = False) -> None:
+        self.path, self.quiet = path, quiet
+
+    def __call__(self, event: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+        if self.quiet:
+            return
+        workers = event.get("workers") or []
+        print(f"workers: {event.get('event')} {event.get('detail', '')}".rstrip())
+        for w in workers:
+            rate = w.get("rows_per_s")
+            rate = f"{rate:,.0f} rows/s" if isinstance(rate, (int, float)) and rate == rate else "- rows/s"
+            print(f"  {w.get('name', '?'):<16} {w.get('state', '?'):<8} {w.get('rows', 0):>9} rows  {rate}")
+
+
+def _open_log(args: argparse.Namespace) -> None:
+    """Create the output directory and send the log to DIR/run.log as well (appended on --resume)."""
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(args.out / "run.log", mode="a" if args.resume is not None else "w")
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror}); give a directory you can write") from e
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger().addHandler(handler)
+    _handlers.append(handler)
+
+
+_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+_handlers: list[logging.Handler] = []  # what this run added to the root logger (removed at its end)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """Console: warnings with -q, debug with -v, else info. paramiko's own INFO lines
+    (connected, authenticated, ...) only with -v."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(_LOG_FORMAT))
+    console.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    root.addHandler(console)
+    _handlers.append(console)
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+
+
+def _make_keys(directory: str) -> int:
+    from .keys import WORKER_DIR, make_keys
+
+    d = make_keys(directory)
+    w = d / WORKER_DIR
+    print(f"wrote the master's keys to {d} (keep it on the master: it holds the master's secret) and the workers' "
+          f"to {w}.\nCopy only {w} to every worker node, then\n"
+          f"  qsae-master --wait-for N --bind 0.0.0.0 --port PORT --keys {d}\n"
+          f"  qsae-worker --connect tcp://MASTER:PORT --keys {w}")
+    return 0
 
 
 def master_main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsae-master``; returns the exit status."""
     args = build_parser().parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(args.threads))  # before numpy loads: one core per process
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        os.environ.setdefault(var, str(max(args.threads, 1)))  # before numpy loads: one core per process
+    _setup_logging(args)
     try:
         if args.make_keys:
-            from .keys import make_keys
-
-            d = make_keys(args.make_keys)
-            print(f"wrote {d}/server.key(_secret) and {d}/worker.key(_secret); copy {d} to every node, then\n"
-                  f"  qsae-master --wait-for N --bind 0.0.0.0 --port PORT --keys {d}\n"
-                  f"  qsae-worker --connect tcp://MASTER:PORT --keys {d}")
-            return 0
-        return _run(args)
+            return _make_keys(args.make_keys)
+        return _run(args, _explicit(argv))
     except QsaeError as e:
         notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
         print(f"qsae-master: error: {e}{notes}", file=sys.stderr)
@@ -184,6 +475,11 @@ def master_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qsae-master: interrupted", file=sys.stderr)
         return 130
+    finally:
+        while _handlers:  # in-process callers (tests) run master_main again
+            h = _handlers.pop()
+            logging.getLogger().removeHandler(h)
+            h.close()
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,9 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
     out.mkdir(parents=True, exist_ok=True)
     hist_path = out / "history.jsonl"
     k0, s0 = spec.start_iteration, float(spec.start_seconds)
+    if k0:  # lines past the checkpoint (a kill -9 between checkpoints) are redone: drop them
+        kept = [h for h in read_history(hist_path) if h["iteration"] <= k0]
+        _atomic_write(hist_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in kept)), mode="w")
     hist_file = open(hist_path, "a" if k0 else "w")
     best = {"theta": np.array(theta0, dtype=float), "iteration": None, "seconds": s0}
     terminated = []
