@@ -1,32 +1,41 @@
-"""The master: one ROUTER socket, a registry of workers, and evaluation rounds.
+"""The master: one ROUTER socket, the workers that join and leave, and evaluation rounds.
 
     with Master(workers=2, config=SAEConfig(), protocol="exact") as master:
         master.scatter_images(images, m=100_000, seed=0)   # or master.scatter(X)
         cost, grad = master(theta)                          # f(θ) -> (cost, grad)
+        master.add_workers(2)                               # more at any time
         result = master.fit(method="lbfgs", maxiter=400)
 
-Workers connect with DEALER sockets and say HELLO; only the master needs an open port.
-Shards are contiguous row ranges of the data set, balanced by the cores each worker
-declares, and sent once. A round sends θ (or the sparsity delta) once to every worker and
-collects one RESULT from each; the reducer (``qsae.reduce``) turns them into (cost, grad).
+Workers connect with DEALER sockets and say HELLO; only the master needs an open port. The
+data set is cut into blocks of rows (``qsae.placement``); each worker gets the data's source
+once (the images, from which it cuts its blocks, or the shape of a plain array whose rows the
+master sends) and then holds a set of blocks. Before every evaluation the master settles the
+membership (``qsae.membership``: joins, BYEs, losses) and the placement: blocks nobody holds
+are placed, and with ``balance="measured"`` blocks move from slow workers to fast ones when
+the planner predicts a clearly shorter round. A round (``qsae.rounds``) sends θ (or the
+sparsity delta) to every worker with the blocks to compute and adds the per-block results in
+block order, so the sums are the same whatever the placement; a straggler's blocks are
+computed again by the workers that finished (images only), and the first answer counts.
 
 Liveness: a background thread answers the workers' PINGs and pings them while no round
 runs, so workers stay up between calls of an embedding script. It shares the socket with
 the round code under a lock (a lock is the full memory barrier zmq asks for when a socket
-changes threads), and the round path keeps the socket for itself: no extra hop. A worker
-silent for ``worker_timeout`` seconds during a round is declared lost.
+changes threads). A worker silent for ``worker_timeout`` seconds during a round is lost;
+one that says BYE leaves at once. Either way its blocks go to the others and the
+evaluation runs again, so the optimizer never sees a partial sum.
 
-Security: with a launcher, CURVE is on by default: a server key pair per run, a client key
-pair per worker handed over the channel that started it, and only those client keys are
-admitted (NULL clients are refused by the CURVE server itself).
+Security: CURVE is on by default: a server key pair per run, a client key pair per
+launched worker handed over the channel that started it, and only those client keys (or a
+key directory's, for hand-started workers) are admitted.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -41,48 +50,42 @@ from .errors import (
     WorkerError,
     WorkerLost,
 )
+from .membership import ACTIVE, JOINING, LEAVING, LOST, Membership, WorkerInfo
 from .model import SAEConfig, Sums
+from .placement import MAX_BLOCKS, WorkerView, block_bounds, block_rows_for, plan
 from .protocol import (
-    ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_HEADER_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send,
+    BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_ARRAYS, MAX_HEADER_BYTES, PING, PONG, READY, RESULT,
+    SOURCE, STOP, decode, encode, send,
 )
-from .reduce import make_reducer
+from .reduce import PER_BLOCK, make_reducer
+from .rounds import Round
 
-__all__ = ["Master"]
+__all__ = ["Master", "WorkerInfo"]
 
 log = logging.getLogger("qsae.master")
 
-CHUNK_BYTES = 8 * 1024 * 1024  # rows per SHARD message of a plain array
+CHUNK_BYTES = 8 * 1024 * 1024  # rows of an array source per BLOCKS message
 MAX_DRAIN = 1000  # messages handled per poll before the round checks its deadlines again
+DTYPES = ("float64", "float32")
+BALANCES = ("measured", "static")
 
 
-def _max_inbound(config: SAEConfig) -> int:
+def _max_inbound(config: SAEConfig, max_blocks: int) -> int:
     """ZMQ_MAXMSGSIZE of the ROUTER (libzmq checks each frame): a bit above the largest frame a
-    worker may send — a header (an ERROR's traceback) or the one-round Sums vector, the longest
-    result of the ops in reduce.OPS. A new op with a longer result must raise this."""
-    largest = max(MAX_HEADER_BYTES, 8 * Sums.size(config, one_round=True), 8 * (config.n_params + 1))
+    worker may send — a header (an ERROR's traceback) or a RESULT of one-round Sums rows for
+    every block (the longest result of the ops in reduce.OPS). A new op with a longer result
+    must raise this."""
+    row = max(Sums.size(config, one_round=True), config.n_params + 1)
+    largest = max(MAX_HEADER_BYTES, 8 * row * max_blocks)
     return largest + largest // 4 + 4096
 
 
-@dataclass
-class WorkerInfo:
-    """What the master knows of one worker."""
-
-    ident: bytes
-    name: str
-    host: str
-    pid: int
-    cores: int
-    last_heard: float
-    last_sent: float = 0.0
-    ranges: list = field(default_factory=list)  # the (lo, hi) row ranges it holds
-
-
 class _Lost(Exception):
-    """Workers silent past the timeout during a round (internal: the master recovers)."""
+    """Workers lost or gone during a round (internal: the master recovers)."""
 
-    def __init__(self, idents: list[bytes], round: int, want: str) -> None:
+    def __init__(self, idents: list[bytes], round: int, want: str, why: str = "") -> None:
         super().__init__(f"{len(idents)} workers lost in round {round}")
-        self.idents, self.round, self.want = idents, round, want
+        self.idents, self.round, self.want, self.why = idents, round, want, why
 
 
 class _AllowList:
@@ -112,7 +115,7 @@ class _AllowList:
 
 
 class Master:
-    """The ROUTER side: starts or awaits workers, sends shards, runs evaluation rounds.
+    """The ROUTER side: starts or awaits workers, places blocks, runs evaluation rounds.
 
     Parameters
     ----------
@@ -120,8 +123,10 @@ class Master:
         for hand-started workers. Ignored when ``launcher`` is given.
     config : the model's settings.
     protocol : "exact" or "average" (see ``qsae.reduce``).
-    launcher : any ``qsae.launch.Launcher`` (e.g. an ``SSHLauncher``).
-    wait_for : how many hand-started workers to wait for.
+    launcher : any ``qsae.launch.Launcher`` (local, SSH, Slurm).
+    wait_for : how many hand-started workers to wait for before starting.
+    min_workers : start once this many workers said HELLO (default: every launched worker,
+        or ``wait_for``); more may join at any time and get blocks at the next evaluation.
     bind, port : where the ROUTER binds (default: the launcher's suggestion, any free port).
     curve : encrypt and authenticate with CURVE (default on; off only when asked, with a
         warning at every start). Launched workers get keys made for this run.
@@ -129,16 +134,39 @@ class Master:
         hand-started workers.
     heartbeat : seconds between PINGs.
     worker_timeout : seconds of silence after which a worker is lost.
-    start_timeout : seconds to wait for every worker's HELLO.
+    start_timeout : seconds to wait for ``min_workers`` HELLOs.
     reducer_options : passed to the reducer (e.g. ``{"rounds": 2}`` for the exact one).
+    dtype : "float64" or "float32": what workers hold their rows in and compute with
+        (θ, gradients and every block's sums stay float64).
+    balance : "measured" (blocks follow each worker's measured rows per second) or "static"
+        (by the cores each worker declares).
+    block_rows : rows per block (default: ``placement.block_rows_for(m)``, 1024–4096 and
+        more for very large data sets); smaller blocks balance finer and cost more per row.
+    on_event : called with a dict for every membership or placement change (see
+        ``qsae.membership.Membership``).
     """
 
     def __init__(self, workers: int | None = None, config: SAEConfig | None = None, protocol: str = "exact", *,
-                 launcher=None, wait_for: int | None = None, bind: str | None = None, port: int = 0,
-                 curve: bool | None = None, keys: str | None = None, heartbeat: float = 1.0, worker_timeout: float = 5.0,
-                 start_timeout: float = 60.0, reducer_options: dict | None = None) -> None:
+                 launcher=None, wait_for: int | None = None, min_workers: int | None = None, bind: str | None = None,
+                 port: int = 0, curve: bool | None = None, keys: str | None = None, heartbeat: float = 1.0,
+                 worker_timeout: float = 5.0, start_timeout: float = 60.0, reducer_options: dict | None = None,
+                 dtype: str = "float64", balance: str = "measured", block_rows: int | None = None,
+                 on_event: Callable[[dict], None] | None = None) -> None:
         self.config = config or SAEConfig()
         self.reducer = make_reducer(protocol, self.config, **(reducer_options or {}))
+        if str(dtype) not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r}: workers compute in float64 or float32 (half precision loses the "
+                              "small gradients of the sparsity term)")
+        if balance not in BALANCES:
+            raise ConfigError(f"balance={balance!r}: choose 'measured' (by each worker's speed) or 'static' (by cores)")
+        for name, v in (("heartbeat", heartbeat), ("worker_timeout", worker_timeout), ("start_timeout", start_timeout)):
+            if not v > 0:
+                raise ConfigError(f"{name}={v!r}: expected a positive number of seconds")
+        self.dtype, self.balance = np.dtype(str(dtype)), balance
+        if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
+                                       or block_rows < 1):
+            raise ConfigError(f"block_rows={block_rows!r}: expected a whole number of rows >= 1 (or None to choose)")
+        self.block_rows = block_rows
         if launcher is None and workers:
             from .launch import LocalLauncher
 
@@ -147,19 +175,25 @@ class Master:
         self.expected = launcher.n_workers if launcher is not None else int(wait_for or 0)
         if self.expected < 1:
             raise ConfigError("no workers: give workers=N, a launcher, or wait_for=N for hand-started workers")
+        if min_workers is not None and not 1 <= min_workers <= self.expected:
+            raise ConfigError(f"min_workers={min_workers}: expected 1 to {self.expected} (the workers asked for)")
+        self.min_workers = min_workers or self.expected
         self.bind, self.port = bind, port
         self.keys = keys
         self.curve = True if curve is None else curve  # secure unless asked not to be
         if self.curve and launcher is None and keys is None:
-            raise ConfigError("hand-started workers need CURVE keys: run `qsae-master --make-keys DIR`, copy DIR to "
-                              "every node, and pass --keys DIR to the master and each qsae-worker (or --insecure)")
+            raise ConfigError("hand-started workers need CURVE keys: run `qsae-master --make-keys DIR`, copy "
+                              "DIR/worker to every node, and pass --keys DIR to the master and --keys DIR/worker "
+                              "to each qsae-worker (or --insecure)")
         self.heartbeat, self.worker_timeout, self.start_timeout = heartbeat, worker_timeout, start_timeout
         self.address: str | None = None
         self.server_public: bytes | None = None
-        self._workers: dict[bytes, WorkerInfo] = {}
-        self._order: list[bytes] = []  # workers holding shards, in row order
+        self.members = Membership(on_event)
+        self.members.block_rows = lambda b: self._sizes[b] if 0 <= b < len(self._sizes) else 0
         self._m = 0
-        self._source: dict = {}  # what was scattered, kept to re-send a lost worker's rows
+        self._sizes: list[int] = []  # rows of each block
+        self._source: dict = {}  # what was scattered: re-sent to joiners, cut or sliced for moves
+        self._move_seconds = 0.0  # measured cost of moving one block (READY's seconds), for the planner
         self._round = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -167,6 +201,7 @@ class Master:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._auth = None
+        self._allow: _AllowList | None = None
         self._closed = False
         self._last_reject_log = 0.0
 
@@ -184,41 +219,44 @@ class Master:
 
     @property
     def n_workers(self) -> int:
-        """Workers registered."""
-        return len(self._workers)
+        """Workers registered (joining or active)."""
+        return len(self.members)
+
+    @property
+    def _workers(self) -> dict[bytes, WorkerInfo]:
+        return self.members.workers
+
+    def status(self) -> list[dict]:
+        """One dict per worker (name, host, pid, state, rows, blocks, seconds, rows_per_s)."""
+        with self._lock:
+            return self.members.status()
 
     def start(self) -> None:
-        """Bind, start the workers (if a launcher is set) and wait for their HELLOs."""
+        """Bind, start the workers (if a launcher is set) and wait for ``min_workers`` HELLOs."""
         if self.launcher is not None:
             self.launcher.prepare()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.router_mandatory = 1  # sending to a vanished worker raises instead of dropping silently
-        sock.maxmsgsize = _max_inbound(self.config)  # a larger frame drops its connection unread
-        worker_keys = []
+        sock.maxmsgsize = _max_inbound(self.config, MAX_BLOCKS)  # a larger frame drops its connection unread
         if self.curve:
             from zmq.auth.thread import ThreadAuthenticator
 
-            allow = _AllowList()
+            self._allow = _AllowList()
             if self.keys is not None:  # hand-started workers: keys from `qsae-master --make-keys DIR`
                 from .keys import load_server_keys
 
-                server_public, server_secret, allow.keys = load_server_keys(self.keys)
+                server_public, server_secret, self._allow.keys = load_server_keys(self.keys)
             else:
                 server_public, server_secret = zmq.curve_keypair()
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("qsae.auth"))
             self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=allow)
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self._allow)
             self.server_public = server_public  # z85; workers need it to connect
             sock.curve_server = True  # before bind
             sock.curve_secretkey = server_secret
             sock.curve_publickey = server_public
-            for _ in range(self.launcher.n_workers if self.launcher is not None else 0):
-                public, secret = zmq.curve_keypair()  # one pair per launched worker, handed over its channel
-                allow.keys.add(public)
-                worker_keys.append({"server_public": server_public.decode(), "public": public.decode(),
-                                    "secret": secret.decode()})
         host = self.bind or (self.launcher.bind_address() if self.launcher is not None else "127.0.0.1")
         if self.port:
             sock.bind(f"tcp://{host}:{self.port}")
@@ -235,22 +273,54 @@ class Master:
             log.warning("running without encryption: anyone who can reach %s can join and read the weights "
                         "(drop curve=False / --insecure to encrypt)", self.address)
         if self.launcher is not None:
-            self.launcher.start(self.address, lambda k: {"curve": worker_keys[k] if worker_keys else None, "threads": 1})
+            self.launcher.start(self.address, self._worker_config(self.launcher.n_workers))
         self._await_hellos()
         self._thread = threading.Thread(target=self._keepalive, name="qsae-master-heartbeat", daemon=True)
         self._thread.start()
 
+    def _worker_config(self, n: int) -> Callable[[int], dict]:
+        """The launch configuration of n new workers: a CURVE key pair each, admitted from now on."""
+        keys = {}
+        if self.curve:
+            for _ in range(n):
+                public, secret = zmq.curve_keypair()  # one pair per launched worker, handed over its channel
+                self._allow.keys.add(public)
+                keys[len(keys)] = {"server_public": self.server_public.decode(), "public": public.decode(),
+                                   "secret": secret.decode()}
+        order: list[int] = []
+
+        def config(k: int) -> dict:  # k is the launcher's global index; keys are handed out in call order
+            if k not in order:
+                order.append(k)
+            return {"curve": keys.get(order.index(k)) if keys else None, "threads": 1}
+
+        return config
+
     def _await_hellos(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while len(self._workers) < self.expected:
+        t0 = time.monotonic()
+        deadline = t0 + self.start_timeout
+        while len(self.members) < self.min_workers:
             left = deadline - time.monotonic()
             failed = self.launcher.failures() if self.launcher is not None else []
-            if left <= 0 or (failed and len(self._workers) + len(failed) >= self.expected):
+            possible = self.expected - len(failed)  # each failure line stands for at least one worker
+            if left <= 0 or (failed and possible < self.min_workers):
                 why = "".join(f"\n  {f}" for f in failed)
                 raise (LaunchError if failed else RoundTimeout)(
-                    f"{len(self._workers)} of {self.expected} workers said HELLO within "
-                    f"{self.start_timeout - max(left, 0):.0f} s on {self.address}{why}")
+                    f"{len(self.members)} of {self.min_workers} workers said HELLO within "
+                    f"{time.monotonic() - t0:.1f} s on {self.address}{why}")
             self._receive(min(left, 0.2))
+
+    def add_workers(self, n: int) -> None:
+        """Start ``n`` more workers with the launcher; they get blocks at the next evaluation."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"add_workers({n!r}): expected a whole number of workers >= 1")
+        if self.launcher is None:
+            raise ConfigError("add_workers: this master has no launcher; start more `qsae-worker --connect "
+                              f"{self.address} --keys DIR/worker` by hand instead: they join by themselves")
+        if self._sock is None:
+            raise ConfigError("add_workers before start(): use Master(workers=N) or call start() first")
+        with self._lock:
+            self.launcher.add(n, self.address, self._worker_config(n))
 
     def close(self) -> None:
         """Stop every worker and release the socket; safe to call twice, never hangs."""
@@ -324,6 +394,8 @@ class Master:
                 self._send(ident, PONG)
             elif msg.type == PONG:
                 pass
+            elif msg.type == BYE:
+                self._bye(w)
             elif msg.type in (READY, RESULT, ERROR):
                 out.append((w, msg))
             else:
@@ -345,13 +417,21 @@ class Master:
             self._reject(ident, f"worker {msg['name']} runs qsae {msg['version']}, the master {__version__}: "
                                 "install the same version on both")
             return
-        if ident in self._workers or len(self._workers) >= self.expected:
-            self._reject(ident, f"worker {msg['name']} is not needed: {len(self._workers)} already joined")
-            return
-        cores = min(max(1, msg["cores"]), 4096)  # shards are balanced by it: keep it sane
-        self._workers[ident] = WorkerInfo(ident, msg["name"], msg["host"], msg["pid"], cores,
-                                          time.monotonic())
-        log.info("worker %s joined (host %s, pid %d, %d cores)", msg["name"], msg["host"], msg["pid"], msg["cores"])
+        if ident in self._workers:  # it restarted its state (a HELLO again): join afresh
+            self._drop([ident], LOST, "said HELLO again")
+        cores = min(max(1, msg["cores"]), 4096)  # static balance uses it: keep it sane
+        self.members.join(ident, msg["name"], msg["host"], msg["pid"], cores)
+
+    def _bye(self, w: WorkerInfo) -> None:
+        """A worker leaves (SIGTERM, Ctrl-C): its blocks go to the others before the next round."""
+        self._drop([w.ident], LEAVING, "said BYE")
+
+    def _drop(self, idents: list[bytes], state: str, why: str) -> None:
+        for ident in idents:
+            if ident in self._workers:
+                w = self.members.remove(ident, state, why)
+                if w.blocks:
+                    log.info("%s held %d blocks; they go to the others", w.name, len(w.blocks))
 
     def _keepalive(self) -> None:
         """Between rounds: answer PINGs and ping the workers, so both sides know the other lives."""
@@ -370,146 +450,270 @@ class Master:
             finally:
                 self._lock.release()
 
-    # ------------------------------------------------------------------ rounds
+    # ------------------------------------------------------------------ collecting replies
+    def _raise_error(self, w: WorkerInfo, msg) -> None:
+        raise WorkerError(f"worker {w.name} on {msg['host']} failed: {msg['etype']}: {msg['message']}\n"
+                          f"{msg['traceback']}")
+
+    def _silent(self, idents) -> list[bytes]:
+        now = time.monotonic()
+        return [i for i in idents if i in self._workers and now - self._workers[i].last_heard > self.worker_timeout]
+
     def _collect(self, idents: list[bytes], round: int, want: str) -> dict[bytes, object]:
         """One reply of type ``want`` for ``round`` from each of ``idents``.
 
-        Raises ``_Lost`` naming every worker silent for longer than ``worker_timeout``.
+        Raises ``_Lost`` naming every worker silent for longer than ``worker_timeout`` or gone.
         """
         got: dict[bytes, object] = {}
         while len(got) < len(idents):
             for w, msg in self._receive(min(self.heartbeat, self.worker_timeout / 2)):
                 if msg.type == ERROR and msg.round in (round, 0):
-                    raise WorkerError(f"worker {w.name} on {msg['host']} failed: {msg['etype']}: "
-                                      f"{msg['message']}\n{msg['traceback']}")
+                    self._raise_error(w, msg)
                 if msg.type != want or msg.round != round:
                     log.debug("dropped %s of round %d from %s (waiting for round %d)", msg.type, msg.round, w.name, round)
                     continue
                 got[w.ident] = msg
-            now = time.monotonic()
-            silent = [i for i in idents if i not in got and now - self._workers[i].last_heard > self.worker_timeout]
-            if silent:
-                raise _Lost(silent, round, want)
+            gone = [i for i in idents if i not in self._workers]
+            silent = self._silent(i for i in idents if i not in got)
+            if gone or silent:
+                raise _Lost(silent + gone, round, want)
         return got
 
     def _next_round(self) -> int:
         self._round += 1
         return self._round
 
-    def _send_rows(self, r: int, ident: bytes, lo: int, hi: int, append: bool) -> None:
-        """SHARD message(s) giving ``ident`` rows lo..hi of the data set."""
-        src, cfg = self._source, self.config.to_dict()
-        if src["kind"] == "images":
-            self._send(ident, SHARD, r, src["images"], kind="images", config=cfg, lo=lo, hi=hi, m=self._m,
-                       patch_size=src["patch_size"], seed=src["seed"], sigma=src["sigma"], chunk=0, chunks=1,
-                       append=append)
-            return
-        X = src["X"]
-        per_chunk = max(1, min(CHUNK_BYTES, MAX_ARRAY_BYTES) // (8 * X.shape[1]))
-        n = max(1, -(-(hi - lo) // per_chunk))
-        for c in range(n):
-            a, b = lo + c * per_chunk, min(hi, lo + (c + 1) * per_chunk)
-            self._send(ident, SHARD, r, [X[a:b]], kind="array", config=cfg, lo=lo, hi=hi, m=self._m,
-                       patch_size=0, seed=0, sigma=0.0, chunk=c, chunks=n, append=append)
-
-    def _distribute(self, source: dict, m: int) -> None:
-        """Give every worker a range of the data set balanced by cores, and wait for READY."""
-        from .data import shard_ranges
-
-        with self._lock:
-            self._source, self._m = source, m
-            self._order = list(self._workers)
-            ranges = shard_ranges(m, [self._workers[i].cores for i in self._order])
-            r = self._next_round()
-            for ident, (lo, hi) in zip(self._order, ranges):
-                self._workers[ident].ranges = [(lo, hi)]
-                self._send_rows(r, ident, lo, hi, append=False)
-            try:
-                self._collect(self._order, r, READY)
-            except _Lost as lost:
-                self._recover(lost)
-
-    def _recover(self, lost: "_Lost") -> None:
-        """Drop the lost workers and hand their ranges to the living, until all hold them."""
-        from .data import shard_ranges
-
-        while True:
-            orphans = []
-            for ident in lost.idents:
-                w = self._workers.pop(ident)
-                self._order.remove(ident)
-                orphans += w.ranges
-                log.error("worker %s (pid %d on %s) lost: silent for over %.1f s in round %d (%s awaited); "
-                          "its rows %s go to the others", w.name, w.pid, w.host, self.worker_timeout, lost.round,
-                          lost.want, ", ".join(f"{a}..{b}" for a, b in w.ranges))
-            if not self._order:
-                raise WorkerLost(f"every worker is lost (the last in round {lost.round}); nothing can compute the "
-                                 "cost: check the workers' logs, then resume the run from its checkpoint")
-            r = self._next_round()
-            cores = [self._workers[i].cores for i in self._order]
-            for lo, hi in orphans:
-                for ident, (a, b) in zip(self._order, shard_ranges(hi - lo, cores)):
-                    if b > a:
-                        self._workers[ident].ranges.append((lo + a, lo + b))
-                        self._send_rows(r, ident, lo + a, lo + b, append=True)
-            try:
-                self._collect(self._order, r, READY)
-                return
-            except _Lost as again:
-                lost = again
-
+    # ------------------------------------------------------------------ data and placement
     def scatter(self, X: np.ndarray) -> None:
-        """Send each worker its rows of X (in chunks) and wait until all hold them."""
-        X = np.ascontiguousarray(X, dtype=np.float64)
+        """Place the rows of X on the workers (sent in blocks) and wait until all hold them."""
+        X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.config.n_visible:
             raise ConfigError(f"X has shape {X.shape}; the model needs (m, {self.config.n_visible})")
-        self._distribute({"kind": "array", "X": X}, X.shape[0])
+        if X.shape[0] < 1:
+            raise ConfigError("X has no rows: pass at least one patch")
+        X = np.ascontiguousarray(X, dtype=self.dtype)  # the run's dtype: what the workers hold
+        if not np.isfinite(X).all():
+            raise ConfigError("X holds NaN or Inf: clean the data (np.nan_to_num) before training")
+        rows = self.block_rows or block_rows_for(X.shape[0])
+        if rows * X.shape[1] * X.itemsize > MAX_ARRAY_BYTES:
+            raise ConfigError(f"{X.shape[0]} rows make blocks of {rows} rows, over the {MAX_ARRAY_BYTES >> 20} MB a "
+                              "message carries: use scatter_images (workers cut their own rows) for data this large")
+        self._set_source({"kind": "array", "X": X}, X.shape[0])
 
     def scatter_images(self, images, m: int, patch_size: int = 8, seed: int = 0) -> None:
-        """Send the (prepared) images to every worker; each cuts its own rows of the patch set."""
+        """Send the (prepared) images to every worker; each cuts its own blocks of the patch set."""
         from .data import check_patches_match, patch_sigma
 
         check_patches_match(patch_size, self.config.n_visible)
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ConfigError(f"m={m!r}: the number of patches must be a whole number >= 1")
         images = [np.ascontiguousarray(img, dtype=np.float64) for img in images]
+        if len(images) > MAX_ARRAYS:
+            raise ConfigError(f"{len(images)} images: a run takes at most {MAX_ARRAYS}; tile smaller ones together")
         sigma = patch_sigma(images, patch_size, seed)  # once here, so every worker normalises alike
-        self._distribute({"kind": "images", "images": images, "patch_size": patch_size, "seed": seed,
-                          "sigma": sigma}, m)
+        self._set_source({"kind": "images", "images": images, "patch_size": patch_size, "seed": seed,
+                          "sigma": sigma}, int(m))
 
+    def _set_source(self, source: dict, m: int) -> None:
+        """A new data set: every worker gets its source, then the blocks are placed."""
+        with self._lock:
+            self._source, self._m = source, m
+            self._sizes = [hi - lo for lo, hi in block_bounds(m, self.block_rows or block_rows_for(m))]
+            if len(self._sizes) > MAX_BLOCKS:
+                raise ConfigError(f"block_rows={self._sizes[0]} cuts {m} rows into {len(self._sizes)} blocks; at most "
+                                  f"{MAX_BLOCKS}: give larger blocks (or leave block_rows=None)")
+            for w in self._workers.values():
+                w.state, w.blocks = JOINING, set()
+            while True:
+                try:
+                    self._settle()
+                    return
+                except _Lost as lost:
+                    self._lost(lost)
+
+    def _source_message(self, r: int, ident: bytes) -> None:
+        src = self._source
+        self._send(ident, SOURCE, r, src.get("images", []), config=self.config.to_dict(), kind=src["kind"], m=self._m,
+                   block_rows=self._sizes[0], patch_size=src.get("patch_size", 0), seed=src.get("seed", 0),
+                   sigma=float(src.get("sigma", 0.0)), dtype=self.dtype.name)
+
+    def _settle(self) -> None:
+        """Before an evaluation: joiners get the source, every block gets a holder, and (measured
+        balance) blocks move when the planner says it pays. Raises ``_Lost``."""
+        if not self._source:
+            return
+        joining = self.members.joining()
+        if joining:
+            r = self._next_round()
+            for w in joining:
+                self._source_message(r, w.ident)
+            self._collect([w.ident for w in joining], r, READY)
+            for w in joining:
+                self.members.activate(w)
+        active = self.members.active()
+        if not active:
+            raise WorkerLost("every worker is lost or gone; nothing can compute the cost: check the workers' logs, then "
+                             "resume the run from its checkpoint")
+        moves = plan([WorkerView(w.ident, self._speed(w, active), tuple(sorted(w.blocks))) for w in active],
+                     self._sizes, move_seconds=self._move_seconds if self.balance == "measured" else 0.0)
+        if moves:
+            self._carry_out(moves)
+
+    def _speed(self, w: WorkerInfo, active: list[WorkerInfo]) -> float:
+        """Rows/s the planner uses: measured (balance="measured"), else by declared cores."""
+        if self.balance == "static":
+            return float(w.cores)
+        if w.speed is not None:
+            return w.speed
+        per_core = [v.speed / v.cores for v in active if v.speed is not None]
+        return w.cores * statistics.median(per_core) if per_core else float(w.cores)
+
+    def _carry_out(self, moves) -> None:
+        """Give each destination its new blocks, wait for READY, then let the sources drop theirs."""
+        by_dst: dict[bytes, list[int]] = {}
+        for mv in moves:
+            by_dst.setdefault(mv.dst, []).append(mv.block)
+        r = self._next_round()
+        for ident, ids in by_dst.items():
+            self._send_blocks(r, ident, sorted(ids))
+        got = self._collect(list(by_dst), r, READY)
+        per_block = [msg["seconds"] / len(by_dst[i]) for i, msg in got.items()]
+        self._move_seconds = 0.5 * self._move_seconds + 0.5 * max(per_block)
+        for mv in moves:
+            self._workers[mv.dst].blocks.add(mv.block)
+            if mv.src is not None and mv.src in self._workers:
+                self._workers[mv.src].blocks.discard(mv.block)
+        for src in {mv.src for mv in moves if mv.src is not None and mv.src in self._workers}:
+            self._send(src, DROP, ids=sorted(mv.block for mv in moves if mv.src == src))
+        placed = sum(mv.src is None for mv in moves)
+        self.members.event("move", f"{placed} blocks placed, {len(moves) - placed} moved: " + ", ".join(
+            f"{self._workers[i].name} +{len(ids)}" for i, ids in by_dst.items()))
+
+    def _send_blocks(self, r: int, ident: bytes, ids: list[int]) -> None:
+        """BLOCKS message(s): ids only for images (the worker cuts them), rows for an array."""
+        if self._source["kind"] == "images":
+            self._send(ident, BLOCKS, r, ids=ids)
+            return
+        X, br = self._source["X"], self._sizes[0]
+        per_msg = max(1, min(MAX_ARRAYS, CHUNK_BYTES // (br * X.shape[1] * X.itemsize)))
+        for i in range(0, len(ids), per_msg):
+            part = ids[i:i + per_msg]
+            self._send(ident, BLOCKS, r if i + per_msg >= len(ids) else 0, [X[b * br:(b + 1) * br] for b in part],
+                       ids=part)
+
+    def _lost(self, lost: _Lost) -> None:
+        """Drop the workers a round lost; their blocks are placed again by the next settle."""
+        for ident in lost.idents:
+            w = self._workers.get(ident)
+            if w is not None:
+                log.error("worker %s (pid %d on %s) lost: silent for over %.1f s in round %d (%s awaited); its %d "
+                          "blocks go to the others", w.name, w.pid, w.host, self.worker_timeout, lost.round, lost.want,
+                          len(w.blocks))
+                self._drop([ident], LOST, f"silent for over {self.worker_timeout:.1f} s in round {lost.round}")
+
+    # ------------------------------------------------------------------ rounds
     def _scatter_op(self, op: str, arg: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Run ``op`` with ``arg`` on every shard: the ``scatter`` a reducer calls."""
+        """Run ``op`` with ``arg`` on every block: the ``scatter`` a reducer calls."""
         arg = np.ascontiguousarray(arg, dtype=np.float64)
         with self._lock:  # re-entrant: __call__ already holds it; the keepalive thread must not send meanwhile
             r = self._next_round()
-            head, data = encode(EVAL, r, [arg], op=op)
-            data = zmq.Frame(data)  # built once (one copy below 64 KB); libzmq shares it between the messages
-            for ident in self._order:
-                self._send_frames(ident, (ident, head, data))
-            got = self._collect(self._order, r, RESULT)
-        out = []
-        for ident in self._order:
-            msg, w = got[ident], self._workers[ident]
-            vec = msg.arrays[0]
-            if not np.isfinite(vec).all():
-                raise NumericalError(f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round {r} "
-                                     f"({op}); the run stops here with the last good θ saved")
-            out.append((msg["rows"], vec))
-        return out
+            active = self.members.active()
+            assignment = {w.ident: sorted(w.blocks) for w in active if w.blocks}
+            predicted = {w.ident: (sum(self._sizes[b] for b in w.blocks) / w.speed if w.speed else None)
+                         for w in active}
+            rnd = Round(r, op, op in PER_BLOCK, assignment, predicted, self._sizes)
+            data = zmq.Frame(arg)  # built once (one copy below 64 KB); libzmq shares it between the messages
+            for ident, ids in assignment.items():
+                self._send_frames(ident, (ident, encode(EVAL, r, [arg], op=op, ids=ids)[0], data))
+            self._run_round(rnd, arg, data)
+        return rnd.replies()
+
+    def _run_round(self, rnd: Round, arg: np.ndarray, data) -> None:
+        """Collect a round's replies; back up stragglers; raise ``_Lost`` for the silent or gone."""
+        width = self._result_width(rnd.op)
+        while not rnd.done:
+            for w, msg in self._receive(self._poll_seconds(rnd)):
+                if msg.type == ERROR and msg.round in (rnd.number, 0):
+                    self._raise_error(w, msg)
+                if msg.type != RESULT:
+                    log.debug("dropped %s of round %d from %s", msg.type, msg.round, w.name)
+                    continue
+                self._take_result(w, msg, rnd, width)
+            gone = [i for i in rnd.waiting_on() if i not in self._workers]
+            silent = self._silent(rnd.waiting_on())
+            if (gone or silent) and not rnd.done:
+                raise _Lost(silent + gone, rnd.number, RESULT)
+            if self._source.get("kind") == "images":
+                for k in rnd.stragglers():
+                    self._back_up(rnd, k, arg, data)
+
+    def _poll_seconds(self, rnd: Round) -> float:
+        """Sleep in poll until a message, the next straggler deadline or a liveness check."""
+        wait = min(self.heartbeat, self.worker_timeout / 2)
+        if rnd.idle():
+            now = time.monotonic() - rnd.started
+            for k in rnd.pending - rnd.backed_up:
+                d = rnd.deadline(k)
+                if d is not None:
+                    wait = min(wait, max(0.001, d - now))
+        return wait
+
+    def _result_width(self, op: str) -> int | None:
+        """Length of one result row of ``op`` (None: not an op the master knows; the worker says so)."""
+        cfg = self.config
+        return {"sums": Sums.size(cfg, one_round=True), "backward": Sums.size(cfg, one_round=False),
+                "forward": cfg.n_hidden, "average": cfg.n_params + 1}.get(op)
+
+    def _take_result(self, w: WorkerInfo, msg, rnd: Round, width: int) -> None:
+        """Check a RESULT (shape, finiteness), record the worker's speed, give it to the round."""
+        ids, out = msg["ids"], msg.arrays[0]
+        rows_expected = len(ids) if rnd.per_block else 1
+        if out.shape != (rows_expected, width):
+            log.error("worker %s returned results of shape %s, this run's model needs %s: another model or qsae "
+                      "version; it is dropped", w.name, out.shape, (rows_expected, width))
+            self._drop([w.ident], LOST, f"results of shape {out.shape}, expected {(rows_expected, width)}")
+            return
+        if sorted(ids) == sorted(w.blocks):  # its own blocks (not a backup): a speed sample
+            w.record(msg["rows"], msg["seconds"])
+        if msg.round != rnd.number:
+            log.debug("dropped a late RESULT of round %d from %s (round %d runs)", msg.round, w.name, rnd.number)
+            return
+        if not np.isfinite(out).all():
+            raise NumericalError(f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round "
+                                 f"{rnd.number} ({rnd.op}); the run stops here with the last good θ saved")
+        rnd.accept(w.ident, ids, out)
+
+    def _back_up(self, rnd: Round, straggler: bytes, arg: np.ndarray, data) -> None:
+        """Ask the idle workers to compute a straggler's blocks too (they cut them from the images)."""
+        speeds = {w.ident: self._speed(w, self.members.active()) for w in self.members.active()}
+        backups = rnd.backups(straggler, speeds)
+        if not backups:
+            return
+        w = self._workers.get(straggler)
+        log.info("round %d: %s is late (%.2f s, predicted %.2f s); %s compute its blocks too", rnd.number,
+                 w.name if w else "?", time.monotonic() - rnd.started, rnd.predicted.get(straggler) or float("nan"),
+                 ", ".join(self._workers[k].name for k in backups))
+        for ident, ids in backups.items():
+            self._send_frames(ident, (ident, encode(EVAL, rnd.number, [arg], op=rnd.op, ids=ids)[0], data))
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Cost and gradient at θ over the whole data set: the f(θ) of scipy.optimize.
 
-        A worker lost during the evaluation has its rows handed to the others and the whole
-        evaluation runs again, so the optimizer never sees a partial sum.
+        Membership and placement are settled first. A worker lost or gone during the
+        evaluation has its blocks handed to the others and the whole evaluation runs again,
+        so the optimizer never sees a partial sum.
         """
-        if not self._order:
+        if not self._source:
             raise ConfigError("no data on the workers: call master.scatter(X) or master.scatter_images(...) first")
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         with self._lock:
             while True:
                 try:
-                    return self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / len(self._order))
+                    self._settle()
+                    n = max(1, len(self.members.active()))
+                    return self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / n)
                 except _Lost as lost:
-                    self._recover(lost)
+                    self._lost(lost)
 
     def fit(self, theta0: np.ndarray | None = None, method: str = "lbfgs", maxiter: int = 400, callback=None,
             seed: int = 0, **options):

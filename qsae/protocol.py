@@ -12,15 +12,25 @@ field is checked against the schema of its message type before anyone uses it.
 Message types (direction, fields, arrays):
 
     HELLO   w→m  name, host, pid, cores, version              —
-    SHARD   m→w  config, kind ("images" | "array"), lo, hi, m, patch_size, seed, sigma,
-                 chunk, chunks, append (add to the rows held)  images or a chunk of rows
-    READY   w→m  rows                                          —
-    EVAL    m→w  op (a key of reduce.OPS)                      the argument vector
-    RESULT  w→m  rows                                          the result vector
+    SOURCE  m→w  config, kind ("images" | "array"), m,         the images (kind "images")
+                 block_rows, patch_size, seed, sigma, dtype
+    BLOCKS  m→w  ids (blocks to hold from now on)              one array of rows per id
+                                                               (kind "array"; none for images:
+                                                               the worker cuts them)
+    READY   w→m  ids (blocks now held), seconds (to get them)  —
+    DROP    m→w  ids (blocks to forget)                        —
+    EVAL    m→w  op (a key of reduce.OPS), ids (blocks)        the argument vector
+    RESULT  w→m  ids, rows, seconds (compute)                  (len(ids), L) per-block results
+                                                               ((1, L) for "average")
     PING    both busy                                          —
     PONG    both —                                             —
+    BYE     w→m  — (the worker is leaving: SIGTERM, Ctrl-C)    —
     ERROR   both etype, message, traceback, host               —
     STOP    m→w  —                                             —
+
+Rows of the data set are placed in blocks (``qsae.placement``): a worker holds a set of
+block ids and every EVAL names the blocks to compute, so a block can move or be computed
+by a second worker (a straggler's backup) without changing what the master adds up.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "VERSION",
-    "HELLO", "SHARD", "READY", "EVAL", "RESULT", "PING", "PONG", "ERROR", "STOP",
+    "HELLO", "SOURCE", "BLOCKS", "READY", "DROP", "EVAL", "RESULT", "PING", "PONG", "BYE", "ERROR", "STOP",
     "Message",
     "encode",
     "decode",
@@ -45,32 +55,37 @@ __all__ = [
     "MAX_ARRAY_BYTES",
 ]
 
-VERSION = 1
-HELLO, SHARD, READY, EVAL, RESULT, PING, PONG, ERROR, STOP = (
-    "HELLO", "SHARD", "READY", "EVAL", "RESULT", "PING", "PONG", "ERROR", "STOP",
+VERSION = 2  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges
+HELLO, SOURCE, BLOCKS, READY, DROP, EVAL, RESULT, PING, PONG, BYE, ERROR, STOP = (
+    "HELLO", "SOURCE", "BLOCKS", "READY", "DROP", "EVAL", "RESULT", "PING", "PONG", "BYE", "ERROR", "STOP",
 )
 MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; anything larger is garbage
 MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one image or one chunk of rows; the master chunks below this
-MAX_ARRAYS = 64  # images in one SHARD message
+MAX_ARRAYS = 64  # images in one SOURCE message, blocks of rows in one BLOCKS message
+MAX_IDS = 4096  # block ids in one message (placement.MAX_BLOCKS is far below)
 MAX_STR = 16 * 1024  # tracebacks included
 ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
 
 # Per type: required header fields and their exact types (bool is not an int here). Extra
 # fields are an error too.
-_STR, _INT, _NUM, _BOOL, _DICT = (str,), (int,), (int, float), (bool,), (dict,)
+# ``_IDS`` is a list of distinct block ids (ints in 0..2^31), checked element by element.
+_STR, _INT, _NUM, _BOOL, _DICT, _IDS = (str,), (int,), (int, float), (bool,), (dict,), (list,)
 SCHEMA: dict[str, dict[str, tuple]] = {
     HELLO: {"name": _STR, "host": _STR, "pid": _INT, "cores": _INT, "version": _STR},
-    SHARD: {"config": _DICT, "kind": _STR, "lo": _INT, "hi": _INT, "m": _INT, "patch_size": _INT,
-            "seed": _INT, "sigma": _NUM, "chunk": _INT, "chunks": _INT, "append": _BOOL},
-    READY: {"rows": _INT},
-    EVAL: {"op": _STR},
-    RESULT: {"rows": _INT},
+    SOURCE: {"config": _DICT, "kind": _STR, "m": _INT, "block_rows": _INT, "patch_size": _INT, "seed": _INT,
+             "sigma": _NUM, "dtype": _STR},
+    BLOCKS: {"ids": _IDS},
+    READY: {"ids": _IDS, "seconds": _NUM},
+    DROP: {"ids": _IDS},
+    EVAL: {"op": _STR, "ids": _IDS},
+    RESULT: {"ids": _IDS, "rows": _INT, "seconds": _NUM},
     PING: {"busy": _BOOL},
     PONG: {},
+    BYE: {},
     ERROR: {"etype": _STR, "message": _STR, "traceback": _STR, "host": _STR},
     STOP: {},
 }
-ARRAY_COUNT = {EVAL: (1, 1), RESULT: (1, 1), SHARD: (0, MAX_ARRAYS)}  # (min, max); others none
+ARRAY_COUNT = {EVAL: (1, 1), RESULT: (1, 1), SOURCE: (0, MAX_ARRAYS), BLOCKS: (0, MAX_ARRAYS)}  # (min, max)
 
 
 @dataclass
@@ -112,7 +127,7 @@ def _buffer(frame: Any) -> memoryview:
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
-_UNPACK = dict(raw=False, strict_map_key=True, max_str_len=MAX_STR, max_bin_len=0, max_array_len=MAX_ARRAYS * 4,
+_UNPACK = dict(raw=False, strict_map_key=True, max_str_len=MAX_STR, max_bin_len=0, max_array_len=MAX_IDS,
                max_map_len=64, max_ext_len=0)  # limits checked while parsing, before anything is allocated
 _MISSING = object()
 
@@ -155,8 +170,20 @@ def _check_fields(t: str, schema: dict[str, tuple], h: dict) -> None:
             raise ProtocolError(f"{t}: field {k!r} is {type(val).__name__}, expected {want}")
         if type(val) is int and not -(2**62) < val < 2**62:
             raise ProtocolError(f"{t}: field {k!r} = {val} is out of range")
+        if types is _IDS:
+            _check_ids(t, k, val)
     if len(h) != len(schema):
         raise ProtocolError(f"{t}: unexpected fields {sorted(set(h) - set(schema))}")
+
+
+def _check_ids(t: str, k: str, ids: list) -> None:
+    if len(ids) > MAX_IDS:
+        raise ProtocolError(f"{t}: field {k!r} holds {len(ids)} block ids; at most {MAX_IDS}")
+    for b in ids:
+        if type(b) is not int or not 0 <= b < 2**31:
+            raise ProtocolError(f"{t}: field {k!r}: block id {b!r:.40} is not an integer in 0..2^31")
+    if len(set(ids)) != len(ids):
+        raise ProtocolError(f"{t}: field {k!r} names a block twice")
 
 
 def _arrays(t: str, specs: Any, frames: Sequence[Any]) -> list[np.ndarray]:

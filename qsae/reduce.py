@@ -47,6 +47,8 @@ from .model import (
 __all__ = [
     "ShardState",
     "OPS",
+    "PER_BLOCK",
+    "run_blocks",
     "Reducer",
     "ExactReducer",
     "AverageReducer",
@@ -59,10 +61,12 @@ Scatter = Callable[[str, np.ndarray], "list[tuple[int, np.ndarray]]"]
 
 
 class ShardState:
-    """What a worker keeps between rounds: its patches and the activations of the last θ."""
+    """What a worker keeps of one block (or shard) between rounds: its patches, in float32 or
+    float64, and — between the two rounds of the exact protocol only — the activations of θ."""
 
     def __init__(self, X: np.ndarray, config: SAEConfig) -> None:
-        self.X = np.ascontiguousarray(X, dtype=np.float64)
+        X = np.asarray(X)
+        self.X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
         self.config = config
         self.theta: np.ndarray | None = None  # θ of the cached activations
         self.A: np.ndarray | None = None  # forward(θ, X), kept for the backward round
@@ -102,6 +106,38 @@ OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {
     "backward": _op_backward,  # s -> two-round Sums.vec (s folded in)
     "average": _op_average,  # θ -> [m·J_shard, m·∇J_shard]
 }
+PER_BLOCK = {"sums", "forward", "backward"}  # exact: one result per block, added by the master
+ONE_ROUND = {"sums", "average"}  # ops whose argument is θ itself
+
+
+def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
+    """What a worker returns for ``op`` on its listed blocks.
+
+    The exact ops give one result row per block, (len(blocks), L), so the master adds the
+    blocks in block order whoever computed them. "average" treats the blocks as one shard
+    with its own firing rates p_j (the report's approximation) and gives (1, L).
+    """
+    if op not in OPS:
+        raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+    if not blocks:
+        raise ProtocolError(f"{op}: no blocks to compute")
+    if op in PER_BLOCK:
+        return np.stack([OPS[op](st, arg) for st in blocks])
+    if len(blocks) == 1:
+        return OPS[op](blocks[0], arg)[None, :]
+    return _average_group(arg, blocks)[None, :]
+
+
+def _average_group(theta: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
+    """[m·J, m·∇J] of several blocks taken as one shard: ``cost_and_grad`` of their rows
+    without concatenating them."""
+    cfg, h = blocks[0].config, blocks[0].config.n_hidden
+    acts = [forward(theta, st.X, cfg) for st in blocks]
+    m = sum(st.m for st in blocks)
+    s = sparsity_delta(sum(np.ones(len(A)) @ A[:, :h] for A in acts) / m, cfg)
+    total = _add([(st.m, backward(theta, st.X, A, s, cfg).vec) for st, A in zip(blocks, acts)])
+    cost, grad = finish_sums(theta, total, cfg, s_folded=True)
+    return np.concatenate([[cost * m], grad * m])
 
 
 class Reducer(ABC):

@@ -1,0 +1,128 @@
+"""Who may hold blocks: the workers the master knows, their state, speed and events.
+
+A worker is ``joining`` from its HELLO until it holds the data's source, then ``active``;
+``leaving`` once it said BYE (its blocks go to the others before the next round), and
+``lost`` when it went silent past the timeout. A lost worker that says HELLO again comes
+back as a new member ("return"). None of this knows of sockets: the master feeds it
+events and asks it questions.
+
+Speeds are rows per second of a worker's own compute (each RESULT carries its seconds),
+smoothed by the median of the last ``SPEED_SAMPLES`` rounds, so one slow round (a page
+fault storm, a SIGSTOP) does not move blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["ACTIVE", "JOINING", "LEAVING", "LOST", "SPEED_SAMPLES", "WorkerInfo", "Membership"]
+
+log = logging.getLogger("qsae.master")
+
+ACTIVE, JOINING, LEAVING, LOST = "active", "joining", "leaving", "lost"
+SPEED_SAMPLES = 5  # rounds in a worker's speed median: one outlier in five never moves blocks
+MIN_SAMPLE_ROWS = 256  # results over fewer rows time Python, not the worker's compute: not a speed sample
+KEEP_GONE = 64  # departed and lost workers kept for status()
+
+
+@dataclass
+class WorkerInfo:
+    """What the master knows of one worker."""
+
+    ident: bytes
+    name: str
+    host: str
+    pid: int
+    cores: int
+    last_heard: float
+    last_sent: float = 0.0
+    state: str = JOINING
+    blocks: set = field(default_factory=set)  # block ids it holds
+    seconds: float | None = None  # compute seconds of its last result
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SPEED_SAMPLES))
+
+    @property
+    def speed(self) -> float | None:
+        """Rows per second, the median of the last rounds; None before any."""
+        return statistics.median(self.samples) if self.samples else None
+
+    def record(self, rows: int, seconds: float) -> None:
+        """A result of ``rows`` rows computed in ``seconds``."""
+        self.seconds = seconds
+        if rows >= MIN_SAMPLE_ROWS and seconds > 0:
+            self.samples.append(rows / seconds)
+
+
+class Membership:
+    """The registry of workers and the events that change it.
+
+    ``on_event(event)`` is called for every change with a dict: time (unix seconds), event
+    ("join", "return", "ready", "leave", "lost", "move"), detail (one line) and workers (the
+    ``status()`` after the change).
+    """
+
+    def __init__(self, on_event: Callable[[dict], None] | None = None) -> None:
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.gone: collections.OrderedDict[str, WorkerInfo] = collections.OrderedDict()
+        self.on_event = on_event
+        self.block_rows: Callable[[int], int] = lambda b: 0  # rows of block b, set by the master
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def get(self, ident: bytes) -> WorkerInfo | None:
+        return self.workers.get(ident)
+
+    def active(self) -> list[WorkerInfo]:
+        """Workers that may hold blocks and compute, in the order they joined."""
+        return [w for w in self.workers.values() if w.state == ACTIVE]
+
+    def joining(self) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if w.state == JOINING]
+
+    def join(self, ident: bytes, name: str, host: str, pid: int, cores: int) -> WorkerInfo:
+        """A HELLO: a new member, or one lost earlier that came back."""
+        back = self.gone.pop(name, None)
+        w = WorkerInfo(ident, name, host, pid, cores, time.monotonic())
+        self.workers[ident] = w
+        self.event("return" if back is not None and back.state == LOST else "join",
+                   f"{name} (host {host}, pid {pid}, {cores} cores)")
+        return w
+
+    def activate(self, w: WorkerInfo) -> None:
+        """It holds the data's source: it may be given blocks."""
+        w.state = ACTIVE
+
+    def remove(self, ident: bytes, state: str, why: str) -> WorkerInfo:
+        """It left (BYE) or was lost: drop it, keep its record for status()."""
+        w = self.workers.pop(ident)
+        w.state = state
+        self.gone[w.name] = w
+        while len(self.gone) > KEEP_GONE:
+            self.gone.popitem(last=False)
+        self.event("leave" if state == LEAVING else "lost", f"{w.name}: {why}")
+        return w
+
+    def status(self) -> list[dict]:
+        """One dict per worker: name, host, pid, state, rows, blocks, seconds, rows_per_s."""
+        out = []
+        for w in [*self.workers.values(), *self.gone.values()]:
+            held = sorted(w.blocks) if w.state in (ACTIVE, JOINING) else []
+            out.append({"name": w.name, "host": w.host, "pid": w.pid, "state": w.state,
+                        "rows": sum(self.block_rows(b) for b in held), "blocks": len(held),
+                        "seconds": w.seconds, "rows_per_s": w.speed})
+        return out
+
+    def event(self, kind: str, detail: str) -> None:
+        """Log a membership or placement change and tell ``on_event``."""
+        log.info("%s: %s", kind, detail)
+        if self.on_event is not None:
+            try:
+                self.on_event({"time": time.time(), "event": kind, "detail": detail, "workers": self.status()})
+            except Exception as e:  # a reporting hook must not stop the run
+                log.warning("on_event(%s) failed: %r", kind, e)

@@ -1,0 +1,171 @@
+"""Blocks of rows and the pure planner that decides which worker holds which block.
+
+The data set's m rows are cut into fixed blocks (``block_bounds``); a block is the unit a
+worker holds, the unit that moves, and the unit of a straggler's backup. Workers return one
+result per block and the master adds them in block order, so any placement gives the same
+sums, bit for bit.
+
+``plan`` is a pure function of a snapshot — the workers, their measured speed, the blocks
+each holds and the blocks nobody holds — and returns the moves to make. It knows nothing of
+sockets; the master carries the moves out (DESIGN.md, "Blocks, balance and membership")::
+
+    moves = plan([WorkerView("a", 2e6, (0, 1, 2)), WorkerView("b", 1e6, ())], sizes)
+
+A round lasts as long as its slowest worker: max over workers of rows held / rows per
+second. Blocks nobody holds (the data set's start, a lost or departed worker's blocks) are
+always placed. Beyond that, blocks move from the slowest worker to the one that would
+finish soonest with it, one at a time, while that shortens the predicted round — and the
+whole rebalance is kept only if it is clearly worth it (``HYSTERESIS``) and pays for its
+own cost within ``PAYBACK_EVALS`` evaluations. Noise in the speeds therefore never moves
+blocks back and forth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+__all__ = [
+    "BLOCK_ROWS",
+    "MIN_BLOCK_ROWS",
+    "MIN_BLOCKS",
+    "MAX_BLOCKS",
+    "HYSTERESIS",
+    "PAYBACK_EVALS",
+    "WorkerView",
+    "Move",
+    "block_rows_for",
+    "block_bounds",
+    "round_seconds",
+    "plan",
+]
+
+# Rows per block, measured (one-round sums of 98,304 rows cut in blocks, against one block, one
+# BLAS thread): 256 rows 1.22x, 512 1.09x, 1024 1.03x, 2048 0.94x, 4096 0.84x, 8192 0.81x —
+# below 1024 rows the per-block costs (a 47 KB result row, a Python call) show; from 2048 the
+# smaller working set even beats one big block. 4096 is also one generator block of the patch
+# set (data.BLOCK), cut from the images in one draw.
+BLOCK_ROWS = 4096
+MIN_BLOCK_ROWS = 1024  # small data sets get smaller blocks, down to this, to have MIN_BLOCKS
+MIN_BLOCKS = 16  # enough to balance 2–4 uneven workers within a few percent
+MAX_BLOCKS = 256  # above this many, blocks grow (in multiples of BLOCK_ROWS): results stay small
+
+# A rebalance is made only if the predicted round gets at least this much shorter: speeds
+# measured on a shared machine vary by a few percent from round to round (bench, heterogeneous).
+HYSTERESIS = 0.10
+# ... and only if the time it saves over this many evaluations exceeds the time it costs
+# (cutting or receiving the moved blocks). L-BFGS evaluates 1–2 times per iteration.
+PAYBACK_EVALS = 3
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the planner knows of one worker."""
+
+    key: Hashable  # the worker's identity (the master uses its ZMQ identity)
+    speed: float  # rows per second (measured; declared cores until measured)
+    blocks: tuple[int, ...] = ()  # blocks it holds now
+
+
+@dataclass(frozen=True)
+class Move:
+    """Give ``block`` to ``dst``; ``src`` holds it now (None: nobody does)."""
+
+    block: int
+    src: Hashable | None
+    dst: Hashable
+
+
+def block_rows_for(m: int) -> int:
+    """Rows per block for a data set of ``m`` rows: ``BLOCK_ROWS``; less (down to
+    ``MIN_BLOCK_ROWS``) while that leaves fewer than ``MIN_BLOCKS`` blocks; a multiple of it
+    where more than ``MAX_BLOCKS`` blocks would result."""
+    if m < 1:
+        raise ValueError(f"m={m}: a data set needs at least one row")
+    if m < BLOCK_ROWS * MIN_BLOCKS:
+        return max(MIN_BLOCK_ROWS, 256 * -(-m // (256 * MIN_BLOCKS)))
+    return BLOCK_ROWS * max(1, -(-m // (BLOCK_ROWS * MAX_BLOCKS)))
+
+
+def block_bounds(m: int, block_rows: int) -> list[tuple[int, int]]:
+    """(lo, hi) rows of every block: all ``block_rows`` long but the last."""
+    return [(lo, min(lo + block_rows, m)) for lo in range(0, m, block_rows)]
+
+
+def round_seconds(workers: Sequence[WorkerView], sizes: Sequence[int]) -> float:
+    """Predicted seconds of a round: the slowest worker's rows held / rows per second."""
+    return max((sum(sizes[b] for b in w.blocks) / w.speed for w in workers), default=0.0)
+
+
+def plan(workers: Sequence[WorkerView], sizes: Sequence[int], *, move_seconds: float = 0.0,
+         hysteresis: float = HYSTERESIS, payback_evals: int = PAYBACK_EVALS) -> list[Move]:
+    """The moves that place every block and balance the predicted round.
+
+    Parameters
+    ----------
+    workers : the workers that may hold blocks, with their speed (> 0, rows/s) and blocks.
+        No block may be held by two workers.
+    sizes : rows of each block (``sizes[b]`` for block b); blocks held by nobody are placed.
+    move_seconds : what moving one block costs (seconds): the price a rebalance must repay
+        within ``payback_evals`` evaluations.
+    hysteresis : the fraction by which a rebalance must shorten the predicted round.
+
+    Returns
+    -------
+    Moves: first every unheld block's (``src`` None), then the rebalancing ones (none if
+    they are not worth it). Applying them gives each block exactly one holder.
+    """
+    if not workers:
+        raise ValueError("plan: no workers to hold the blocks")
+    if any(not w.speed > 0 for w in workers):
+        raise ValueError(f"plan: every speed must be > 0 rows/s; got {[w.speed for w in workers]}")
+    held = {w.key: list(w.blocks) for w in workers}
+    owner: dict[int, Hashable] = {}
+    for w in workers:
+        for b in w.blocks:
+            if b in owner or not 0 <= b < len(sizes):
+                raise ValueError(f"plan: block {b} is held twice or does not exist ({len(sizes)} blocks)")
+            owner[b] = w.key
+    speed = {w.key: w.speed for w in workers}
+    rows = {k: sum(sizes[b] for b in bs) for k, bs in held.items()}
+
+    def finish(k: Hashable, extra: int = 0) -> float:
+        return (rows[k] + extra) / speed[k]
+
+    def give(b: int, src: Hashable | None, dst: Hashable) -> Move:
+        if src is not None:
+            held[src].remove(b)
+            rows[src] -= sizes[b]
+        held[dst].append(b)
+        rows[dst] += sizes[b]
+        return Move(b, src, dst)
+
+    # 1. every block must have a holder: largest first, each to whoever finishes it soonest
+    orphans = sorted((b for b in range(len(sizes)) if b not in owner), key=lambda b: (-sizes[b], b))
+    placed = [give(b, None, min(speed, key=lambda k: (finish(k, sizes[b]), str(k)))) for b in orphans]
+
+    # 2. balance: the slowest worker gives one block at a time while that shortens the round
+    before = max(finish(k) for k in speed)
+    moves: list[Move] = []
+    for _ in range(len(sizes) * len(speed)):  # bounded: each move strictly lowers the maximum
+        slow = max(speed, key=lambda k: (finish(k), str(k)))
+        if not held[slow]:
+            break
+        b = min(held[slow], key=lambda b: (sizes[b], b))  # the smallest block: the finest step
+        dst = min((k for k in speed if k != slow), key=lambda k: (finish(k, sizes[b]), str(k)), default=None)
+        if dst is None or finish(dst, sizes[b]) >= finish(slow):
+            break
+        moves.append(give(b, slow, dst))
+    after = max(finish(k) for k in speed)
+    saved = before - after
+    if not moves or saved <= hysteresis * before or saved * payback_evals <= move_seconds * len(_net(moves)):
+        return placed
+    return placed + _net(moves)
+
+
+def _net(moves: list[Move]) -> list[Move]:
+    """One move per block, from its first holder to its last (a block moved twice goes once)."""
+    first: dict[int, Move] = {}
+    for mv in moves:
+        first[mv.block] = Move(mv.block, first[mv.block].src if mv.block in first else mv.src, mv.dst)
+    return [mv for mv in first.values() if mv.src != mv.dst]
