@@ -47,6 +47,9 @@ STANDIN = textwrap.dedent("""\
         sys.exit(msg["exit"])
     while sys.stdin.read(1):   # stdin stays open until the launcher closes it
         pass
+    if msg.get("linger"):      # outlive stdin's end: only a signal stops it
+        import time
+        time.sleep(600)
 """)
 
 

@@ -1,4 +1,4 @@
-"""Start qsae workers, on this machine or over SSH, and stop them again.
+"""Start qsae workers, on this machine, over SSH or in a Slurm allocation, and stop them again.
 
 A worker is the command ``PYTHON -m qsae.worker --stdin``. Its configuration arrives as
 ONE line of JSON on its stdin (never on the command line, which ``ps`` shows)::
@@ -17,10 +17,17 @@ Launchers
 :class:`SSHLauncher`
     workers on the hosts of a hosts file, one SSH connection per host (paramiko), one
     channel per worker.
+:class:`SlurmLauncher`
+    inside a Slurm allocation (salloc, sbatch): one ``srun`` job step per worker, one
+    worker per task.
 
-Both follow :class:`Launcher`: ``prepare()`` (preflight), ``bind_address()``,
-``start(connect, config)``, ``wait()``, ``stop()``, ``failures()``; use them as context
-managers so that ``stop()`` always runs.
+All follow :class:`Launcher`: ``prepare()`` (preflight), ``bind_address()``,
+``start(connect, config)``, ``add(n, connect, config)`` (more workers later), ``wait()``,
+``stop()``, ``failures()``; use them as context managers so that ``stop()`` always runs.
+
+Layout: ``base`` (the interface, the stop sequence, bookkeeping, log pumps), ``local``
+(child processes: local workers, and the srun children of Slurm workers), ``ssh``,
+``slurm``, ``hosts`` (hosts files).
 
 Hosts file format
 -----------------
@@ -42,6 +49,7 @@ from __future__ import annotations
 from .base import WORKER_ARGS, Launcher
 from .hosts import HostSpec, format_hosts_help, parse_hosts
 from .local import LocalLauncher
+from .slurm import SlurmLauncher
 from .ssh import SSHLauncher
 
 __all__ = [
@@ -51,5 +59,6 @@ __all__ = [
     "Launcher",
     "LocalLauncher",
     "SSHLauncher",
+    "SlurmLauncher",
     "WORKER_ARGS",
 ]
