@@ -38,6 +38,7 @@ _EXPORTS = {
     "Master": "qsae.master",
     "LocalLauncher": "qsae.launch",
     "SSHLauncher": "qsae.launch",
+    "SlurmLauncher": "qsae.launch",
     "parse_hosts": "qsae.launch",
     "QsaeError": "qsae.errors",
 }
