@@ -299,3 +299,20 @@ def test_two_local_workers_learn_what_one_process_learns(patches):
     np.testing.assert_allclose(two.components_, one.components_, rtol=0, atol=1e-6)
     np.testing.assert_allclose(two.transform(patches), one.transform(patches), rtol=0, atol=1e-6)
     assert two.n_iter_ == one.n_iter_ == 6
+
+
+def test_a_hosts_file_trains_over_a_real_sshd(tmp_path, monkeypatch, patches):
+    """workers=PATH starts workers over SSH with the user's ~/.ssh/config, as qsae-master --hosts does."""
+    from tests.sshd import SSHServer, require_sshd
+
+    require_sshd()
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text(f"node1 workers=2 python={sys.executable}\n")
+    with SSHServer(tmp_path / "sshd", alias="node1") as server:
+        home = tmp_path / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "config").write_text(server.ssh_config.read_text())  # alias, key and known_hosts
+        monkeypatch.setenv("HOME", str(home))
+        remote = SparseAutoencoder(n_hidden=12, max_iter=4, random_state=0, workers=str(hosts)).fit(patches)
+    local = SparseAutoencoder(n_hidden=12, max_iter=4, random_state=0).fit(patches)
+    np.testing.assert_allclose(remote.components_, local.components_, rtol=0, atol=1e-6)
