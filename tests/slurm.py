@@ -237,3 +237,124 @@ def _user() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+# --------------------------------------------------------------------------------------
+# python tests/slurm.py --start-times: how long starting N workers takes, by way of starting
+# --------------------------------------------------------------------------------------
+
+_STARTER = """\
+import json, sys
+msg = json.loads(sys.stdin.readline())
+print("READY", msg.get("name"), file=sys.stderr, flush=True)
+while sys.stdin.read(1):
+    pass
+"""
+
+
+def _time_until_ready(start: Any, n: int, lines: list[str]) -> float:
+    start = start()  # set-up, not timed: a launcher's preflight
+    t0 = time.perf_counter()
+    stop = start()
+    try:
+        while sum(line.startswith("READY") or ": READY" in line for line in lines) < n:
+            if time.perf_counter() - t0 > 60:
+                raise RuntimeError(f"{n} workers not ready within 60 s")
+            time.sleep(0.002)
+        return time.perf_counter() - t0
+    finally:
+        stop()
+
+
+def _start_times_inside(n: int, reps: int) -> None:  # pragma: no cover - a benchmark
+    """Run inside ``salloc -n n``: print the table of start times."""
+    import json
+    import logging
+    import statistics
+    import sys
+    import threading
+
+    from qsae.launch import LocalLauncher, SlurmLauncher
+
+    script = Path(tempfile.mkdtemp()) / "starter.py"
+    script.write_text(_STARTER)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("qsae.launch").addHandler(handler)
+    logging.getLogger("qsae.launch").setLevel(logging.INFO)
+
+    def launcher_start(make: Any) -> Any:
+        def setup() -> Any:
+            launcher = make()
+            launcher.prepare()
+
+            def start() -> Any:
+                launcher.start("tcp://127.0.0.1:1", {})
+                return launcher.stop
+            return start
+        return setup
+
+    def preflight() -> Any:
+        def start() -> Any:
+            SlurmLauncher(n=n, args=[str(script)]).prepare()
+            lines.extend(["READY"] * n)
+            return lambda: None
+        return start
+
+    def one_step() -> Any:
+        return one_step_start
+
+    def one_step_start() -> Any:  # one srun step of n tasks; srun sends its stdin to every task
+        proc = subprocess.Popen(["srun", f"--ntasks={n}", "--exact", "--quiet", sys.executable, str(script)],
+                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write((json.dumps({"name": "step"}) + "\n").encode())
+        proc.stdin.flush()
+        reader = threading.Thread(target=lambda: lines.extend(x.decode() for x in proc.stderr), daemon=True)
+        reader.start()
+
+        def stop() -> None:
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait(30)
+            reader.join(5)
+        return stop
+
+    ways = {
+        "local processes (LocalLauncher)": launcher_start(lambda: LocalLauncher(n, args=[str(script)])),
+        "one srun step per worker (SlurmLauncher)": launcher_start(lambda: SlurmLauncher(n=n, args=[str(script)])),
+        f"one srun step of {n} tasks": one_step,
+        "SlurmLauncher.prepare() (preflight step, once)": preflight,
+    }
+    print(f"seconds until {n} workers have read their configuration line (median of {reps})")
+    print(f"{'how':48s} {'median':>8s} {'min':>8s}")
+    for how, start in ways.items():
+        times = []
+        for _ in range(reps):
+            lines.clear()
+            times.append(_time_until_ready(start, n, lines))
+        print(f"{how:48s} {statistics.median(times):8.3f} {min(times):8.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - a tool
+    """``python tests/slurm.py --start-times [N]``: the start-time table; ``python tests/slurm.py
+    CMD ...``: run CMD (e.g. ``salloc -n 2 qsae-master --slurm ...``) against a private cluster."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    root = str(Path(__file__).resolve().parents[1])
+    if args[:1] == ["--inside"]:
+        _start_times_inside(int(args[1]), int(args[2]))
+        return 0
+    with SlurmCluster() as cluster:
+        env = {**cluster.env, "PYTHONPATH": root}
+        if not args or args[0] == "--start-times":
+            n = int(args[1]) if len(args) > 1 else CPUS
+            cmd = ["salloc", "-n", str(n), sys.executable, __file__, "--inside", str(n), "5"]
+        else:
+            cmd = args
+        return subprocess.run(cmd, env=env).returncode
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
