@@ -107,11 +107,53 @@ class _AllowList:
         self.refused += 1
         now = time.monotonic()
         if now - self._last_log >= self.LOG_EVERY:
-            log.warning("refused a worker's CURVE key %s (%d refusal(s) in the last %.0f s): it is not a key of "
-                        "this run; a hand-started worker needs --keys DIR/worker from this master's --keys DIR",
-                        key.decode("ascii", "replace")[:12] + "...", self.refused, self.LOG_EVERY)
+            log.warning("refused a worker's CURVE key %s (%d since the last such line): it is not a key of this "
+                        "run; a hand-started worker needs --keys DIR/worker from this master's --keys DIR",
+                        key.decode("ascii", "replace")[:12] + "...", self.refused)
             self.refused, self._last_log = 0, now
         return False
+
+    def watch(self, sock: zmq.Socket) -> None:
+        """Log handshakes that fail before ZAP is asked (no keys, another master's server key),
+        rate-limited like refused keys: a thread reads ``sock``'s monitor until ``unwatch``.
+        Call after bind, from the thread that owns ``sock``."""
+        events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        self._monitor, self._stop = sock.get_monitor_socket(events), threading.Event()
+        self._sock = sock
+        self._thread = threading.Thread(target=self._read_monitor, name="qsae-master-handshakes", daemon=True)
+        self._thread.start()
+
+    def _read_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        failed, last = 0, float("-inf")
+        while not self._stop.is_set():
+            try:
+                if not self._monitor.poll(200):
+                    continue
+                recv_monitor_message(self._monitor)
+            except zmq.ZMQError:
+                return  # closed under us: the master is closing
+            failed += 1
+            now = time.monotonic()
+            if now - last >= self.LOG_EVERY:
+                log.warning("a worker's CURVE handshake failed (%d since the last such line): it has no keys, or "
+                            "another master's; hand-started workers need --keys DIR/worker from this master's "
+                            "--keys DIR", failed)
+                failed, last = 0, now
+
+    def unwatch(self) -> None:
+        """Stop the thread ``watch`` started and close the monitor (before the socket closes)."""
+        if getattr(self, "_thread", None) is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=2)
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._thread = None
 
 
 class Master:
