@@ -220,3 +220,23 @@ def test_cli_slurm_outside_allocation(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "salloc -n N qsae-master --slurm" in lines[0] and "sbatch" in lines[0], r.stderr
+
+
+def test_example_sbatch_script(cluster, tmp_path):
+    """examples/slurm.sbatch, with a small run, trains as a batch job and leaves no job behind."""
+    text = (ROOT / "examples" / "slurm.sbatch").read_text()
+    assert "#SBATCH -n 8" in text and "--patches 1000000 --iters 500" in text
+    script = tmp_path / "small.sbatch"
+    script.write_text(text.replace("#SBATCH -n 8", "#SBATCH -n 2")
+                      .replace("--patches 1000000 --iters 500", "--patches 2000 --iters 5 -q"))
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "activate").exists() or not (venv / "bin" / "qsae-master").exists():
+        pytest.skip(f"{venv} is not a venv with qsae-master installed (pip install -e .)")
+    env = {**cluster.env, "PYTHONPATH": str(ROOT), "QSAE_VENV": str(venv)}
+    r = cluster.run(["sbatch", "--wait", "--parsable", f"--chdir={tmp_path}", str(script)], env=env, timeout=150,
+                    check=False)
+    job = r.stdout.strip().split(";")[0]
+    log = tmp_path / f"qsae-{job}.log"
+    assert r.returncode == 0, (r.stderr, log.read_text() if log.exists() else "no log")
+    assert len((tmp_path / "runs" / job / "history.jsonl").read_text().splitlines()) == 6, log.read_text()
+    assert cluster.jobs() == []
