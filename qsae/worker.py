@@ -59,7 +59,8 @@ class Worker:
     """The DEALER side of one connection to the master."""
 
     def __init__(self, connect: str, name: str | None = None, curve: dict | None = None,
-                 heartbeat: float = 1.0, master_timeout: float = 10.0, threads: int = 1) -> None:
+                 heartbeat: float = 1.0, master_timeout: float = 10.0, threads: int = 1,
+                 handshake_timeout: float = 10.0) -> None:
         import zmq
 
         _load_numerics()
@@ -74,6 +75,11 @@ class Worker:
             self.sock.curve_serverkey = curve["server_public"].encode()  # before connect
             self.sock.curve_publickey = curve["public"].encode()
             self.sock.curve_secretkey = curve["secret"].encode()
+        self.connect_to, self.curve = connect, bool(curve)
+        self.handshake_timeout = handshake_timeout
+        self._monitor = self.sock.get_monitor_socket(  # before connect: no event missed (see _await_handshake)
+            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.sock.connect(connect)
         self._poller = zmq.Poller()  # one for the run: Socket.poll builds one per call
         self._poller.register(self.sock, zmq.POLLIN)
@@ -101,10 +107,66 @@ class Worker:
                   version=__version__)
         log.info("%s: said HELLO", self.name)
 
+    def _await_handshake(self) -> bool:
+        """Wait for the first handshake with the master; False (logged) when it was refused.
+
+        zmq's socket monitor reports a refused CURVE key (HANDSHAKE_FAILED_AUTH) and a
+        mechanism mismatch (no keys against a CURVE master, or keys against --insecure); a
+        connection on which no handshake completes within ``handshake_timeout`` s is the
+        same failure seen from here. Without any connection within ``master_timeout`` s the
+        master is unreachable. Later reconnections are not watched (the monitor is closed).
+        """
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        start, connected, failures = time.monotonic(), None, 0
+        try:
+            while True:
+                now = time.monotonic()
+                if connected is not None and now - connected > self.handshake_timeout:
+                    why = (f"connected to the master at {self.connect_to} but no handshake completed within "
+                           f"{self.handshake_timeout:.0f} s")
+                    break
+                if connected is None and now - start > self.master_timeout:
+                    log.error("could not reach the master at %s within %.0f s: is it running, is the address "
+                              "right, does a firewall block the port?", self.connect_to, self.master_timeout)
+                    return False
+                if not self._monitor.poll(200):
+                    continue
+                event = recv_monitor_message(self._monitor)
+                kind, value = event["event"], event["value"]
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._last_heard = time.monotonic()  # the master timeout counts from here
+                    return True
+                if kind == zmq.EVENT_CONNECTED:
+                    connected = connected or time.monotonic()
+                elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    why = f"the master at {self.connect_to} refused this worker's CURVE keys (ZAP status {value})"
+                    break
+                elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                    why = f"the handshake with the master at {self.connect_to} failed (zmq event {kind}, {value:#x})"
+                    failures += 1
+                    if failures >= 3:  # not one connection reset by chance: every attempt fails
+                        break
+        finally:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+        if self.curve:
+            fix = ("the master refused its CURVE keys: pass --keys DIR/worker, where DIR is the master's --keys "
+                   "directory (made by `qsae-master --make-keys DIR`); keys from another DIR are refused; "
+                   "a master started with --insecure takes no keys (drop --keys)")
+        else:
+            fix = ("the master refused its CURVE keys: this worker has none and the master requires them; pass "
+                   "--keys DIR/worker from the master's `qsae-master --make-keys DIR` (or start both with --insecure)")
+        log.error("%s; %s", why, fix)
+        return False
+
     def run(self) -> int:
         """Serve until STOP (exit 0) or until the master is gone (exit 1)."""
         self.hello()
         try:
+            if not self._await_handshake():
+                return 1
             while True:
                 if self._poller.poll(int(self.heartbeat * 1000)):
                     if self._handle(self.sock.recv_multipart(copy=False)):
@@ -231,14 +293,32 @@ class Worker:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qsae-worker", description="Serve one shard of a qsae training run.")
+    p = argparse.ArgumentParser(prog="qsae-worker", description="Serve one shard of a qsae training run.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--connect", help="the master's address, tcp://HOST:PORT")
     p.add_argument("--stdin", action="store_true", help="read the configuration as one JSON line from stdin")
-    p.add_argument("--keys", help="directory from `qsae-master --make-keys DIR` (CURVE keys for this worker)")
-    p.add_argument("--name", default=None, help="name in the master's log (default HOST#PID)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: one worker per core)")
+    p.add_argument("--keys", help="DIR/worker from the master's `qsae-master --make-keys DIR` (this worker's CURVE "
+                                  "keys; copy only DIR/worker to a node)")
+    p.add_argument("--name", default=None, help="name in the master's log (None: HOST#PID)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads (1: one worker per core)")
     p.add_argument("--master-timeout", type=float, default=10.0, help="exit after this many seconds without the master")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="exit when connected but no CURVE handshake completed within this many seconds (refused keys)")
     return p
+
+
+class _DropName(logging.Filter):
+    """Strip the worker's own ``NAME: `` from its messages (the launcher prefixes the name)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.prefix = f"{name}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.prefix):
+            record.msg, record.args = message[len(self.prefix):], ()
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,16 +332,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qsae-worker: stdin did not hold one JSON line ({e})", file=sys.stderr)
             return 2
     elif args.connect:
-        cfg = {"connect": args.connect, "curve": _load_keys(args.keys) if args.keys else None,
-               "name": args.name, "threads": args.threads}
+        from .errors import QsaeError
+
+        try:
+            curve = _load_keys(args.keys) if args.keys else None
+        except QsaeError as e:
+            print(f"qsae-worker: error: {e}", file=sys.stderr)
+            return 2
+        cfg = {"connect": args.connect, "curve": curve, "name": args.name, "threads": args.threads}
     else:
         print("qsae-worker: give --connect tcp://MASTER:PORT (or --stdin when started by a launcher)", file=sys.stderr)
         return 2
+    for t, flag in ((args.master_timeout, "--master-timeout"), (args.handshake_timeout, "--handshake-timeout")):
+        if not t > 0:
+            print(f"qsae-worker: error: {flag} {t}: give a number of seconds > 0, e.g. 10", file=sys.stderr)
+            return 2
     _set_threads(int(cfg.get("threads") or 1))
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s {cfg.get('name') or 'worker'} %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    if args.stdin:  # plain `LEVEL message` lines: the launcher prefixes the worker's name, once
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:  # a terminal of its own: the time, and the name the master knows it by (in the messages)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     worker = Worker(cfg["connect"], cfg.get("name"), cfg.get("curve"), master_timeout=args.master_timeout,
-                    threads=int(cfg.get("threads") or 1))
+                    threads=int(cfg.get("threads") or 1), handshake_timeout=args.handshake_timeout)
+    if args.stdin:
+        handler.addFilter(_DropName(worker.name))
     try:
         return worker.run()
     except KeyboardInterrupt:
