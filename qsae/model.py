@@ -18,6 +18,12 @@ Its gradient is linear in s_j = β(−ρ/p_j + (1−ρ)/(1−p_j)), so a shard c
 * two rounds: the shard returns Σ a2 first (``forward``), is sent s, and folds s into its
   backward pass (``backward``).
 
+Precision: X may be float32 or float64 (anything else is converted to float64). The
+products and elementwise passes run in X's dtype and ``forward``'s activations are in it;
+θ, the gradient and ``Sums.vec`` are always float64, each row chunk's sums being added
+into float64 accumulators, so shards and chunks add without drift. float32 is about 2×
+faster (``benchmarks/bench_model.py``) and holds half the memory.
+
 Everything here is pure numpy on arrays; nothing knows about sockets.
 """
 
@@ -40,13 +46,18 @@ __all__ = [
     "cost_and_grad",
     "forward",
     "backward",
+    "activation_sums",
+    "chunk_rows",
     "shard_sums",
     "sparsity_delta",
     "finish_sums",
     "minibatch_cost_and_grad",
 ]
 
-BLOCK_ROWS = 384  # rows per block: measured fastest of 128–1024 (a (384, 64) block is 192 KiB, in L2)
+SMALL_GEMM = 1_000_000  # OpenBLAS multiplies M·N·K ≤ 10⁶ without packing: products slow down 1.3–1.7× past it
+MIN_CHUNK_ROWS = 128  # below this the numpy calls per chunk cost more than the passes (wide models)
+MAX_CHUNK_ROWS = 504  # the small-matrix limit for n = 64, h = 30; a (504, 64) float64 chunk is 252 KiB, in L2
+FORWARD_CHUNKS = 4  # chunks per elementwise pass in forward: (2016, 31) float64 is 488 KiB, in L2
 
 
 @dataclass(frozen=True)
@@ -173,18 +184,11 @@ class Sums:
         return config.n_params + 1 + h + (h * n + h if one_round else 0)
 
 
-def _sigmoid_of_negated_(u: np.ndarray) -> np.ndarray:
-    """σ(z) from u = −z, in place: 1/(1 + e^u) (3 passes over u, no temporaries).
-
-    Callers negate the weights once instead of negating every pre-activation.
-    """
-    np.exp(u, out=u)
-    u += 1.0
-    np.reciprocal(u, out=u)
-    return u
+DTYPES = (np.float32, np.float64)  # the compute dtypes; anything else is converted to float64
 
 
 def _check_X(X: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """X as a C-contiguous float32 or float64 array (other dtypes become float64)."""
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != config.n_visible:
         raise DataError(
@@ -193,33 +197,82 @@ def _check_X(X: np.ndarray, config: SAEConfig) -> np.ndarray:
         )
     if X.shape[0] == 0:
         raise DataError("no patches: X has 0 rows; pass at least one patch")
-    if X.dtype != np.float64 or not X.flags.c_contiguous:
-        X = np.ascontiguousarray(X, dtype=np.float64)
+    dtype = X.dtype if X.dtype in DTYPES else np.float64
+    if X.dtype != dtype or not X.flags.c_contiguous:
+        X = np.ascontiguousarray(X, dtype=dtype)
     return X
 
 
+def _check_A(A: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """The activations of ``forward(θ, X)``: (m, h + 1) in X's dtype, C-contiguous."""
+    A = np.asarray(A)
+    if A.shape != (X.shape[0], config.n_hidden + 1):
+        raise DataError(
+            f"activations have shape {A.shape} but X has {X.shape[0]} rows and n_hidden={config.n_hidden}; "
+            "pass A = forward(theta, X, config) for the same X"
+        )
+    if A.dtype != X.dtype or not A.flags.c_contiguous:
+        A = np.ascontiguousarray(A, dtype=X.dtype)
+    return A
+
+
+def chunk_rows(config: SAEConfig) -> int:
+    """Rows per chunk: the most that keep each product under OpenBLAS's small-matrix size.
+
+    OpenBLAS multiplies without packing while M·N·K ≤ 10⁶; past that each product here
+    gets 1.3–1.7× slower (measured on 384–1024 rows, float64 and float32 alike). Within
+    the limit, bigger chunks mean fewer numpy calls: 504 rows for n = 64, h = 30. Elementwise
+    passes over 2–4 chunks at once (fewer calls again) measured no faster: out of L2.
+    """
+    width = config.n_visible * (config.n_hidden + 1)
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, SMALL_GEMM // width // 8 * 8)))
+
+
 def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
-    """Hidden activations with a column of ones appended: (m, h + 1).
+    """Hidden activations with a column of ones appended: (m, h + 1), in X's dtype.
 
     The ones column lets ``backward`` fold b2 into the output product and get Σ δ3 (the b2
-    gradient) out of the W2-gradient product for free. Σ a2 is ``A[:, :h].sum(0)``.
+    gradient) out of the W2-gradient product for free. Σ a2 is ``activation_sums(A, config)``.
+
+    Computed in place in A: u = x·(−W1ᵀ) − b1 by row chunks, then σ = 1/(1 + e^u) over a few
+    chunks at a time (fewer calls, still in cache). The ones column comes out of the same
+    passes: its weights are 0 and its bias +∞, so u = −∞, e^u = 0 and σ = 1 exactly; every
+    pass runs over whole contiguous rows.
     """
     X = _check_X(X, config)
     W1, _, b1, _ = unpack(theta, config)
-    m, h = X.shape[0], config.n_hidden
-    A = np.empty((m, h + 1))
-    A[:, h] = 1.0
-    nW1T = np.ascontiguousarray(-W1.T)
-    z = np.empty((min(BLOCK_ROWS, m), h))
-    for lo in range(0, m, BLOCK_ROWS):
-        hi = min(lo + BLOCK_ROWS, m)
-        u = z[: hi - lo]
-        np.matmul(X[lo:hi], nW1T, out=u)
-        u -= b1  # u = −(x W1ᵀ + b1)
+    m, n, h, dt = X.shape[0], config.n_visible, config.n_hidden, X.dtype
+    nW1T = np.zeros((n, h + 1), dtype=dt)  # −[W1ᵀ | 0]
+    nW1T[:, :h] = -W1.T
+    b1x = np.empty(h + 1, dtype=dt)  # [b1 | +∞]
+    b1x[:h], b1x[h] = b1, np.inf
+    A = np.empty((m, h + 1), dtype=dt)
+    rows = chunk_rows(config)
+    span = rows * FORWARD_CHUNKS
+    B1 = np.tile(b1x, (min(span, m), 1))  # b1 on every row: a same-shape subtraction is 2× faster than broadcasting
+    for lo in range(0, m, span):
+        u = A[lo : lo + span]
+        for b in range(lo, min(lo + span, m), rows):
+            np.matmul(X[b : b + rows], nW1T, out=A[b : b + rows])
+        u -= B1[: u.shape[0]]
         np.exp(u, out=u)
         u += 1.0
-        np.divide(1.0, u, out=A[lo:hi, :h])  # σ = 1/(1 + e^u), written straight into A
+        np.reciprocal(u, out=u)
     return A
+
+
+def activation_sums(A: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """Σ a2 over the rows of ``forward``'s A: (h,) float64, each chunk's sum added in float64.
+
+    Use this rather than ``A[:, :h].sum(0)``: a float32 sum over a whole shard loses digits.
+    """
+    h, rows, m = config.n_hidden, chunk_rows(config), A.shape[0]
+    ones = np.ones(min(rows, m), dtype=A.dtype)
+    sums = np.empty((-(-m // rows), A.shape[1]), dtype=A.dtype)
+    for i, lo in enumerate(range(0, m, rows)):
+        a = A[lo : lo + rows]
+        np.matmul(ones[: a.shape[0]], a, out=sums[i])
+    return sums.sum(axis=0, dtype=np.float64)[:h]
 
 
 def backward(
@@ -235,60 +288,76 @@ def backward(
     Parameters
     ----------
     theta : (n_params,) weights.
-    X : (m, n) patches of this shard.
+    X : (m, n) patches of this shard, float32 or float64: the products and elementwise
+        passes run in this dtype.
     A : (m, h + 1) output of ``forward(theta, X)``.
     s : (h,) sparsity delta β(−ρ/p + (1−ρ)/(1−p)) of the global p, folded into the hidden
         deltas (two-round protocol); None for none (one-round protocol, which returns
         Σ f'xᵀ and Σ f' instead).
-    one_round : also accumulate Σ f' xᵀ and Σ f' (one extra h×n product per row block).
+    one_round : also accumulate Σ f' xᵀ and Σ f' (one extra h×n product per row chunk).
 
     Returns
     -------
-    Sums over the rows of X; Σ a2 is included.
+    Sums over the rows of X (float64: each row chunk's sums are added in float64); Σ a2 is
+    included.
+
+    The hidden side works on whole rows of (h + 1) columns: W2's extra column and s's extra
+    entry are 0 and the ones column of A has f' = 1·(1 − 1) = 0, so the extra column of every
+    hidden quantity is 0 and is dropped at the end.
     """
     X = _check_X(X, config)
+    A = _check_A(A, X, config)
     W1, W2, b1, b2 = unpack(theta, config)
-    m, n, h = X.shape[0], config.n_visible, config.n_hidden
-    nW2bT = np.empty((h + 1, n))  # −[W2 | b2]ᵀ: the output layer as one (negated) matrix
-    nW2bT[:h] = -W2.T
-    nW2bT[h] = -b2
-    W2c = np.ascontiguousarray(W2)
-    gW1 = np.zeros((h, n))
-    gW2b = np.zeros((n, h + 1))
-    gb1 = np.zeros(h)
-    fx = np.zeros((h, n)) if one_round else None
-    fsum = np.zeros(h) if one_round else None
-    sq = 0.0
-    rows = min(BLOCK_ROWS, m)
-    a3, d3 = np.empty((rows, n)), np.empty((rows, n))
-    f, d2 = np.empty((rows, h)), np.empty((rows, h))
-    ones = np.ones(rows)
-    for lo in range(0, m, BLOCK_ROWS):
-        hi = min(lo + BLOCK_ROWS, m)
-        k = hi - lo
-        x, a, o, d, fk, dk = X[lo:hi], A[lo:hi], a3[:k], d3[:k], f[:k], d2[:k]
-        np.matmul(a, nW2bT, out=o)
-        _sigmoid_of_negated_(o)  # a3
+    m, n, h, dt = X.shape[0], config.n_visible, config.n_hidden, X.dtype
+    nW2bT = np.empty((h + 1, n), dtype=dt)  # −[W2 | b2]ᵀ: the output layer as one (negated) matrix
+    nW2bT[:h], nW2bT[h] = -W2.T, -b2
+    W2x = np.zeros((n, h + 1), dtype=dt)  # [W2 | 0]
+    W2x[:, :h] = W2
+    rows = chunk_rows(config)
+    k0 = min(rows, m)
+    S = np.zeros((k0, h + 1), dtype=dt)  # [s | 0] on every row: a same-shape addition is 2× faster than broadcasting
+    if s is not None:
+        S[:, :h] = s
+    nc = -(-m // rows)
+    gW1, gW2b, fx = np.zeros((h, n)), np.zeros((n, h + 1)), np.zeros((h, n))  # float64 accumulators
+    col = np.zeros((nc, 3, h + 1), dtype=dt)  # per chunk: Σ δ2, Σ a2, Σ f'
+    sq = np.empty(nc, dtype=dt)  # per chunk: Σ ||a3 − x||²
+    P1, P2 = np.empty((h, n), dtype=dt), np.empty((n, h + 1), dtype=dt)  # one chunk's products
+    full = (np.empty((k0, n), dtype=dt), np.empty((k0, n), dtype=dt), np.empty((k0, h + 1), dtype=dt),
+            np.empty((k0, h + 1), dtype=dt), np.ones(k0, dtype=dt), S)
+    for i, lo in enumerate(range(0, m, rows)):
+        x, a = X[lo : lo + rows], A[lo : lo + rows]
+        o, d, f, d2, ones, Sk = full if x.shape[0] == k0 else (v[: x.shape[0]] for v in full)
+        np.matmul(a, nW2bT, out=o)  # −z3
+        np.exp(o, out=o)
+        o += 1.0
+        np.reciprocal(o, out=o)  # a3 = 1/(1 + e^−z3)
         np.subtract(o, x, out=d)  # a3 − x
-        sq += float(np.vdot(d, d))
-        d *= o  # δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3)
-        np.subtract(1.0, o, out=o)
+        sq[i] = np.vdot(d, d)
         d *= o
-        gW2b += d.T @ a  # [Σ δ3 a2ᵀ | Σ δ3]
-        np.subtract(1.0, a[:, :h], out=fk)
-        fk *= a[:, :h]  # f' = a2 ⊙ (1 − a2)
-        np.matmul(d, W2c, out=dk)
+        np.subtract(1.0, o, out=o)
+        d *= o  # δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3)
+        np.matmul(d.T, a, out=P2)
+        gW2b += P2  # [Σ δ3 a2ᵀ | Σ δ3]
+        np.subtract(1.0, a, out=f)
+        f *= a  # f' = a2 ⊙ (1 − a2)
+        np.matmul(d, W2x, out=d2)
         if s is not None:
-            dk += s
-        dk *= fk  # δ2
-        gW1 += dk.T @ x
-        gb1 += ones[:k] @ dk
+            d2 += Sk
+        d2 *= f  # δ2
+        np.matmul(d2[:, :h].T, x, out=P1)  # h rows, not h + 1: an odd width is 1.3× slower here
+        gW1 += P1
+        np.matmul(ones, d2, out=col[i, 0])
+        np.matmul(ones, a, out=col[i, 1])
         if one_round:
-            fx += fk.T @ x
-            fsum += ones[:k] @ fk
-    parts = [gW1.ravel(), gW2b[:, :h].ravel(), gb1, gW2b[:, h], [sq], np.ones(m) @ A[:, :h]]
+            np.matmul(f[:, :h].T, x, out=P1)
+            fx += P1
+            np.matmul(ones, f, out=col[i, 2])
+    cs = col.sum(axis=0, dtype=np.float64)
+    parts = [gW1.ravel(), gW2b[:, :h].ravel(), cs[0, :h], gW2b[:, h], [sq.sum(dtype=np.float64)],
+             cs[1, :h]]
     if one_round:
-        parts += [fx.ravel(), fsum]
+        parts += [fx.ravel(), cs[2, :h]]
     return Sums(m, np.concatenate(parts))
 
 
@@ -344,13 +413,12 @@ def finish_sums(theta: np.ndarray, total: Sums, config: SAEConfig, s_folded: boo
 def cost_and_grad(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> tuple[float, np.ndarray]:
     """Cost J(θ) and its gradient on the patches X (m, n), in this process.
 
-    Two passes over X in cache-sized row blocks: the hidden layer of every row first (for
+    Two passes over X in cache-sized row chunks: the hidden layer of every row first (for
     the global firing rates p), then the output layer and the backward pass with the
     sparsity delta folded in — five m·n·h products in all, no temporaries of size m·n.
     """
     A = forward(theta, X, config)
-    m, h = A.shape[0], config.n_hidden
-    p = A[:, :h].sum(axis=0) / m
+    p = activation_sums(A, config) / A.shape[0]
     return finish_sums(theta, backward(theta, X, A, sparsity_delta(p, config), config), config, s_folded=True)
 
 
@@ -363,5 +431,7 @@ def minibatch_cost_and_grad(
     b1 with the returned per-unit mean activation (h,).
     """
     A = forward(theta, X, config)
-    cost, grad = _reconstruction_and_decay(theta, backward(theta, X, A, None, config), config)
-    return cost, grad, A[:, : config.n_hidden].mean(axis=0)
+    sums = backward(theta, X, A, None, config)
+    cost, grad = _reconstruction_and_decay(theta, sums, config)
+    P, h = config.n_params, config.n_hidden
+    return cost, grad, sums.vec[P + 1 : P + 1 + h] / sums.m
