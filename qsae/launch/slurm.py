@@ -36,6 +36,11 @@ OUTSIDE_HINT = ("run `salloc -n N qsae-master --slurm ...`, or put that line in 
 #: seconds for each Slurm client command (squeue, scancel, scontrol) and for the preflight step
 CLIENT_TIMEOUT = 60.0
 
+#: seconds stop() lets workers end by themselves before it signals their steps: the master
+#: has just sent them STOP and they exit within milliseconds; a signal to a step that is
+#: ending anyway only adds Slurm's "STEP ... CANCELLED" and "task 0: Terminated" to the log
+EXIT_GRACE = 1.0
+
 
 def _cpus_per_node(value: str) -> int:
     """Total CPUs of ``SLURM_JOB_CPUS_PER_NODE`` (``"2(x3),4"`` is 2+2+2+4 = 10)."""
@@ -250,6 +255,12 @@ class SlurmLauncher(ChildProcessLauncher):
         return ids, missing
 
     def _terminate(self, workers: list[_Worker]) -> None:
+        deadline = time.monotonic() + EXIT_GRACE
+        while workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+            workers = [w for w in workers if self._is_alive(w)]
+        if not workers:
+            return
         ids, missing = self._step_ids(workers)
         self._scancel(ids, "TERM")  # to the task itself: the worker says goodbye, srun exits with its code
         super()._terminate(missing)  # srun without a step yet: SIGTERM makes it give up (and end the step)
