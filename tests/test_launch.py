@@ -616,7 +616,7 @@ def test_ssh_fast_failure_says_what_and_when(hangup_port):
     assert "closed the connection" in line and f"port {hangup_port}" in line, line
     assert "within 10 s" not in line, line
     took = float(line.split(" after ")[1].split(" s")[0])
-    assert took <= elapsed, line
+    assert took <= elapsed + 0.01, line  # printed to 0.01 s
     with pytest.raises(ConfigError, match="connect_timeout"):
         SSHLauncher([HostSpec(None, "127.0.0.1", hangup_port, 1, sys.executable)], ssh_config=None,
                     connect_timeout=0)
