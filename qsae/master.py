@@ -31,6 +31,7 @@ key directory's, for hand-started workers) are admitted.
 
 from __future__ import annotations
 
+import collections
 import logging
 import statistics
 import threading
@@ -50,7 +51,7 @@ from .errors import (
     WorkerError,
     WorkerLost,
 )
-from .membership import ACTIVE, JOINING, LEAVING, LOST, Membership, WorkerInfo
+from .membership import ACTIVE, JOINING, LEAVING, LOST, SPEED_SAMPLES, Membership, WorkerInfo
 from .model import SAEConfig, Sums
 from .placement import MAX_BLOCKS, WorkerView, block_bounds, block_rows_for, plan
 from .protocol import (
@@ -236,7 +237,9 @@ class Master:
         self._sizes: list[int] = []  # rows of each block
         self._source: dict = {}  # what was scattered: re-sent to joiners, cut or sliced for moves
         self._move_seconds = 0.0  # measured cost of moving one block (READY's seconds), for the planner
+        self._evals, self._balanced_at = 0, -SPEED_SAMPLES  # evaluations; the one before the last rebalance
         self._round = 0
+        self.stats: collections.Counter = collections.Counter()  # rounds, backups, blocks moved, ...
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -459,8 +462,9 @@ class Master:
             self._reject(ident, f"worker {msg['name']} runs qsae {msg['version']}, the master {__version__}: "
                                 "install the same version on both")
             return
-        if ident in self._workers:  # it restarted its state (a HELLO again): join afresh
-            self._drop([ident], LOST, "said HELLO again")
+        if ident in self._workers:  # a second HELLO on the same connection (replies to queued errors): one join
+            log.debug("%s said HELLO again; it is a member already", msg["name"])
+            return
         cores = min(max(1, msg["cores"]), 4096)  # static balance uses it: keep it sane
         self.members.join(ident, msg["name"], msg["host"], msg["pid"], cores)
 
@@ -592,14 +596,25 @@ class Master:
             self._collect([w.ident for w in joining], r, READY)
             for w in joining:
                 self.members.activate(w)
-        active = self.members.active()
-        if not active:
-            raise WorkerLost("every worker is lost or gone; nothing can compute the cost: check the workers' logs, then "
-                             "resume the run from its checkpoint")
-        moves = plan([WorkerView(w.ident, self._speed(w, active), tuple(sorted(w.blocks))) for w in active],
-                     self._sizes, move_seconds=self._move_seconds if self.balance == "measured" else 0.0)
-        if moves:
+        for _ in range(4):  # a worker may leave while blocks move: plan again until every block has a holder
+            active = self.members.active()
+            if not active:
+                raise WorkerLost("every worker is lost or gone; nothing can compute the cost: check the workers' "
+                                 "logs, then resume the run from its checkpoint")
+            rested = self._evals - self._balanced_at >= SPEED_SAMPLES  # speeds measured since the last moves
+            moves = plan([WorkerView(w.ident, self._speed(w, active), tuple(sorted(w.blocks))) for w in active],
+                         self._sizes, move_seconds=self._move_seconds if self.balance == "measured" else 0.0,
+                         balance=rested)
+            if not moves:
+                return
             self._carry_out(moves)
+            if self._uncovered() == 0:
+                return
+        raise _Lost([], self._round, READY, "blocks without a holder after placing them")
+
+    def _uncovered(self) -> int:
+        """Blocks no active worker holds."""
+        return len(self._sizes) - len(set().union(*(w.blocks for w in self.members.active())))
 
     def _speed(self, w: WorkerInfo, active: list[WorkerInfo]) -> float:
         """Rows/s the planner uses: measured (balance="measured"), else by declared cores."""
@@ -628,6 +643,10 @@ class Master:
         for src in {mv.src for mv in moves if mv.src is not None and mv.src in self._workers}:
             self._send(src, DROP, ids=sorted(mv.block for mv in moves if mv.src == src))
         placed = sum(mv.src is None for mv in moves)
+        if placed < len(moves):
+            self._balanced_at = self._evals
+        self.stats["blocks placed"] += placed
+        self.stats["blocks moved"] += len(moves) - placed
         self.members.event("move", f"{placed} blocks placed, {len(moves) - placed} moved: " + ", ".join(
             f"{self._workers[i].name} +{len(ids)}" for i, ids in by_dst.items()))
 
@@ -663,7 +682,10 @@ class Master:
             assignment = {w.ident: sorted(w.blocks) for w in active if w.blocks}
             predicted = {w.ident: (sum(self._sizes[b] for b in w.blocks) / w.speed if w.speed else None)
                          for w in active}
+            if self._uncovered():  # never add up a partial sum: settle (place the orphans) and run again
+                raise _Lost([], r, RESULT, "a worker left between placing and computing")
             rnd = Round(r, op, op in PER_BLOCK, assignment, predicted, self._sizes)
+            self.stats["rounds"] += 1
             data = zmq.Frame(arg)  # built once (one copy below 64 KB); libzmq shares it between the messages
             for ident, ids in assignment.items():
                 self._send_frames(ident, (ident, encode(EVAL, r, [arg], op=op, ids=ids)[0], data))
@@ -735,6 +757,7 @@ class Master:
         log.info("round %d: %s is late (%.2f s, predicted %.2f s); %s compute its blocks too", rnd.number,
                  w.name if w else "?", time.monotonic() - rnd.started, rnd.predicted.get(straggler) or float("nan"),
                  ", ".join(self._workers[k].name for k in backups))
+        self.stats["backups"] += 1
         for ident, ids in backups.items():
             self._send_frames(ident, (ident, encode(EVAL, rnd.number, [arg], op=rnd.op, ids=ids)[0], data))
 
@@ -752,6 +775,7 @@ class Master:
             while True:
                 try:
                     self._settle()
+                    self._evals += 1
                     n = max(1, len(self.members.active()))
                     return self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / n)
                 except _Lost as lost:

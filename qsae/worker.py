@@ -5,10 +5,13 @@
 
 A launcher writes one JSON line to the worker's stdin (never the command line, which ``ps``
 shows): ``{"connect": ..., "curve": null | {"server_public", "public", "secret"}, "name":
-..., "threads": 1}``. The worker says HELLO, receives its shard once (the images and its row
-range, from which it cuts its own patches; or the rows themselves), replies READY, then
-answers every EVAL with RESULT until STOP — or until it has heard nothing from the master
-for ``master_timeout`` seconds, when it exits by itself.
+..., "threads": 1}``. The worker says HELLO and receives the SOURCE of the data once (the
+images, from which it cuts its own rows; or only the shape of a plain array). Then BLOCKS
+messages tell it which blocks of rows to hold (it cuts them, or they carry the rows), DROP
+which to forget, and every EVAL which blocks to compute: its own, or a straggler's, which
+it cuts from the images for the occasion. It answers until STOP, says BYE and exits 0 on
+SIGTERM or Ctrl-C, and exits 1 when it has heard nothing from the master for
+``master_timeout`` seconds.
 
 Large shards are computed in a thread while the main thread keeps sending PINGs, so the
 master can tell a busy worker from a dead one.
@@ -35,8 +38,9 @@ INLINE_WORK = 100_000 * 64 * 30  # rows·n·h computed inline (~0.1 s); more run
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, ShardState, sample_patches
-    global decode, encode, send, MAX_ARRAY_BYTES, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT, SHARD, STOP
+    global np, __version__, ProtocolError, SAEConfig, OPS, ONE_ROUND, ShardState, run_blocks, sample_patches
+    global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
+    global SOURCE, STOP
     import numpy as np
 
     from . import __version__
@@ -44,9 +48,10 @@ def _load_numerics() -> None:
     from .errors import ProtocolError
     from .model import SAEConfig
     from .protocol import (
-        ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SHARD, STOP, decode, encode, send,
+        BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SOURCE, STOP, decode,
+        encode, send,
     )
-    from .reduce import OPS, ShardState
+    from .reduce import ONE_ROUND, OPS, ShardState, run_blocks
 
 
 def _set_threads(threads: int) -> None:
@@ -83,8 +88,11 @@ class Worker:
         self.sock.connect(connect)
         self._poller = zmq.Poller()  # one for the run: Socket.poll builds one per call
         self._poller.register(self.sock, zmq.POLLIN)
-        self.state = None  # reduce.ShardState once the shard is complete
-        self._chunks: list = []
+        self.source: dict | None = None  # the SOURCE message: config, kind, images, dtype, ...
+        self.blocks: dict = {}  # block id -> reduce.ShardState, the blocks this worker holds
+        self._extra: dict = {}  # blocks cut for a straggler's backup (not held), kept for one evaluation
+        self._theta = None  # θ of the last forward round (a backup's backward needs it)
+        self._last_hello = 0.0
         self._last_heard = time.monotonic()
         self._last_sent = 0.0
 
@@ -105,6 +113,7 @@ class Worker:
         """Say who we are; the master registers us (again, after it had dropped us)."""
         self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(), cores=self.threads,
                   version=__version__)
+        self._last_hello = time.monotonic()
         log.info("%s: said HELLO", self.name)
 
     def _await_handshake(self) -> bool:
@@ -162,7 +171,13 @@ class Worker:
         return False
 
     def run(self) -> int:
-        """Serve until STOP (exit 0) or until the master is gone (exit 1)."""
+        """Serve until STOP (exit 0), SIGTERM/SIGINT (BYE, exit 0) or the master is gone (exit 1)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
         self.hello()
         try:
             if not self._await_handshake():
@@ -176,8 +191,12 @@ class Worker:
                     log.error("%s: nothing heard from the master for %.0f s; it is gone, exiting",
                               self.name, self.master_timeout)
                     return 1
+        except _Leave as leave:
+            log.info("%s: leaving, saying BYE to the master", signal.Signals(leave.args[0]).name)
+            self.bye()
+            return 0
         finally:
-            self.sock.close(linger=0)
+            self.sock.close()
             self.ctx.term()
 
     def _tick(self, busy: bool) -> None:
@@ -187,109 +206,171 @@ class Worker:
 
     def _handle(self, frames) -> bool:
         """Handle one message; True on STOP."""
-
         self._last_heard = time.monotonic()
         try:
             msg = decode(frames)
         except ProtocolError as e:
-            log.warning("%s: bad message: %s", self.name, e)
+            log.warning("bad message: %s", e)
             self.send_error(e)
             return False
         if msg.type == STOP:
-            log.info("%s: STOP from the master", self.name)
+            log.info("STOP from the master")
             return True
-        if msg.type == PING:
-            self.send(PONG)
-        elif msg.type == SHARD:
-            self._on_shard(msg)
-        elif msg.type == EVAL:
-            self._on_eval(msg)
+        handler = self._handlers.get(msg.type)
+        if handler is not None:
+            try:
+                handler(msg)
+            except Exception as e:  # a bad request is reported; the worker keeps serving
+                self.send_error(e, msg.round)
         elif msg.type == ERROR:
-            log.warning("%s: the master says: %s", self.name, msg["message"])
-            if "never said HELLO" in msg["message"]:  # dropped while unreachable: join again
-                self.hello()
+            log.warning("the master says: %s", msg["message"])
+            if "never said HELLO" in msg["message"] and time.monotonic() - self._last_hello > 1.0:
+                self.hello()  # dropped while unreachable: join again (once for a burst of such errors)
         elif msg.type != PONG:
             self.send_error(ProtocolError(f"a worker does not take {msg.type} messages"), msg.round)
         return False
 
-    def _on_shard(self, msg) -> None:
-        try:
-            if msg["kind"] == "images":
-                X = self._cut_patches(msg)
-            elif msg["kind"] == "array":
-                X = self._add_chunk(msg)
-                if X is None:
-                    return  # more chunks to come
-            else:
-                raise ValueError(f"unknown shard kind {msg['kind']!r}; expected 'images' or 'array'")
-            if X.shape[0] != msg["hi"] - msg["lo"]:
-                raise ValueError(f"shard has {X.shape[0]} rows, expected {msg['hi'] - msg['lo']}")
-            held, self.state = self.state, None  # a failed shard leaves the worker with none, never a stale one
-            if msg["append"] and held is not None:  # a lost worker's rows, added to ours
-                X = np.concatenate([held.X, X])
-            self.state = ShardState(X, SAEConfig.from_dict(msg["config"]))
-            log.info("%s: %s rows %d..%d, holds %d rows", self.name, "added" if msg["append"] else "holds",
-                     msg["lo"], msg["hi"], self.state.m)
-            self.send(READY, msg.round, rows=self.state.m)
-        except Exception as e:  # a bad shard is reported; the worker keeps serving
-            self.send_error(e, msg.round)
+    @property
+    def _handlers(self) -> dict:
+        return {PING: lambda msg: self.send(PONG), SOURCE: self._on_source, BLOCKS: self._on_blocks,
+                DROP: self._on_drop, EVAL: self._on_eval}
 
-    def _add_chunk(self, msg):
-        """Copy one chunk of rows into the shard being built; the whole shard after the last.
+    # -- data: the source once, then blocks of it
+    def _on_source(self, msg) -> None:
+        """Where the run's rows come from; forget every block held (a new data set)."""
+        self.source, self.blocks, self._extra = None, {}, {}
+        if msg["dtype"] not in ("float32", "float64"):
+            raise ValueError(f"dtype {msg['dtype']!r}: a run computes in float32 or float64")
+        if msg["kind"] not in ("images", "array"):
+            raise ValueError(f"unknown source kind {msg['kind']!r}; expected 'images' or 'array'")
+        if msg["block_rows"] < 1 or msg["m"] < 1:
+            raise ValueError(f"block_rows={msg['block_rows']} and m={msg['m']} must be >= 1")
+        config = SAEConfig.from_dict(msg["config"])
+        images = [np.array(a) for a in msg.arrays]  # copies: the frames are zmq's buffers
+        if msg["kind"] == "images":
+            from .data import check_patches_match
 
-        Rows go straight into one preallocated array (the frames are zmq's buffers, so they
-        are copied once, never concatenated)."""
-        lo, hi, c, n = msg["lo"], msg["hi"], msg["chunk"], msg["chunks"]
-        rows = msg.arrays[0] if len(msg.arrays) == 1 and msg.arrays[0].ndim == 2 else None
-        if rows is None or not 0 <= lo <= hi:
-            raise ValueError(f"an array shard chunk carries one 2-D array of rows and 0 <= lo <= hi; got "
-                             f"{len(msg.arrays)} arrays, lo={lo}, hi={hi}")
-        if c == 0:
-            self._chunks = [np.empty((hi - lo, rows.shape[1])), 0, (lo, hi, n, msg.round)]
-        buf, filled, key = self._chunks if self._chunks else (None, 0, None)
-        if key != (lo, hi, n, msg.round) or rows.shape[1] != buf.shape[1] or filled + len(rows) > len(buf):
-            self._chunks = []
-            raise ValueError(f"chunk {c} of {n} for rows {lo}..{hi} does not continue the shard being received")
-        buf[filled : filled + len(rows)] = rows
-        self._chunks[1] = filled + len(rows)
-        if c + 1 < n:
-            return None
-        self._chunks = []
-        return buf[:filled + len(rows)]
+            check_patches_match(msg["patch_size"], config.n_visible)
+            if not images:
+                raise ValueError("an images source carries at least one image")
+        self.source = dict(msg.fields, config=config, images=images, dtype=np.dtype(msg["dtype"]))
+        self.send(READY, msg.round, ids=[], seconds=0.0)
 
-    @staticmethod
-    def _cut_patches(msg):
-        return sample_patches(msg.arrays, msg["m"], patch_size=msg["patch_size"], seed=msg["seed"],
-                              lo=msg["lo"], hi=msg["hi"], sigma=msg["sigma"])
+    def _bounds(self, b: int) -> tuple[int, int]:
+        src = self.source
+        lo = b * src["block_rows"]
+        if not 0 <= lo < src["m"]:
+            raise ValueError(f"block {b} does not exist: the data set has {src['m']} rows in blocks of "
+                             f"{src['block_rows']}")
+        return lo, min(lo + src["block_rows"], src["m"])
+
+    def _cut(self, b: int) -> "ShardState":
+        """Block b cut from the images held (patch i is a pure function of the images, seed and i)."""
+        src = self.source
+        lo, hi = self._bounds(b)
+        X = sample_patches(src["images"], src["m"], patch_size=src["patch_size"], seed=src["seed"], lo=lo, hi=hi,
+                           sigma=src["sigma"])
+        return ShardState(X.astype(src["dtype"], copy=False), src["config"])
+
+    def _on_blocks(self, msg) -> None:
+        if self.source is None:
+            raise ValueError("BLOCKS before SOURCE: the worker does not know the data set yet")
+        t0 = time.perf_counter()
+        ids, src = msg["ids"], self.source
+        if src["kind"] == "images":
+            if msg.arrays:
+                raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
+            new = {b: self._extra.pop(b, None) or self._cut(b) for b in ids}
+        else:
+            if len(msg.arrays) != len(ids):
+                raise ValueError(f"BLOCKS names {len(ids)} blocks but carries {len(msg.arrays)} arrays of rows")
+            new = {}
+            for b, X in zip(ids, msg.arrays):
+                lo, hi = self._bounds(b)
+                if X.dtype != src["dtype"]:
+                    raise ValueError(f"block {b} came as {X.dtype}, but this run computes in {src['dtype']}: "
+                                     "the master must send the run's dtype")
+                if X.shape != (hi - lo, src["config"].n_visible):
+                    raise ValueError(f"block {b} has shape {X.shape}; expected {(hi - lo, src['config'].n_visible)}")
+                new[b] = ShardState(np.array(X), src["config"])  # a copy: the frame is zmq's buffer
+        self.blocks.update(new)
+        log.info("holds %d blocks (%d rows): +%s", len(self.blocks), sum(st.m for st in self.blocks.values()),
+                 _span(ids))
+        self.send(READY, msg.round, ids=sorted(self.blocks), seconds=time.perf_counter() - t0)
+
+    def _on_drop(self, msg) -> None:
+        for b in msg["ids"]:
+            self.blocks.pop(b, None)
+        log.info("holds %d blocks: -%s", len(self.blocks), _span(msg["ids"]))
+
+    # -- rounds
+    def _states(self, op: str, ids: list) -> list:
+        """The blocks to compute: held ones, or (a straggler's, images only) cut now."""
+        if self.source is None:
+            raise RuntimeError("EVAL before the data arrived: the worker holds no data")
+        if op in ONE_ROUND:  # a new evaluation: last one's backup blocks are stale
+            self._extra = {b: st for b, st in self._extra.items() if b in ids}
+        out = []
+        for b in ids:
+            st = self.blocks.get(b) or self._extra.get(b)
+            if st is None:
+                if self.source["kind"] != "images":
+                    raise ValueError(f"block {b} is not held here and an array source cannot be cut again")
+                st = self._extra[b] = self._cut(b)
+            if op == "backward" and st.A is None:  # a backup of the second round: forward again
+                if self._theta is None:
+                    raise ProtocolError("backward round without a forward round: the worker holds no θ")
+                OPS["forward"](st, self._theta)
+            out.append(st)
+        return out
 
     def _on_eval(self, msg) -> None:
+        op, arg = msg["op"], msg.arrays[0]
+        if op not in OPS:
+            raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+        states = self._states(op, msg["ids"])
+        if op == "forward":
+            self._theta = np.array(arg)
+        t0 = time.perf_counter()
+        cfg = states[0].config
+        if sum(st.m for st in states) * cfg.n_visible * cfg.n_hidden <= INLINE_WORK:
+            out = run_blocks(op, arg, states)
+        else:
+            out = self._in_thread(run_blocks, op, arg, states)
+        self.send(RESULT, msg.round, [out], ids=msg["ids"], rows=sum(st.m for st in states),
+                  seconds=time.perf_counter() - t0)
 
-        try:
-            if self.state is None:
-                raise RuntimeError("EVAL before the shard arrived: the worker holds no data")
-            if msg["op"] not in OPS:
-                raise ValueError(f"unknown operation {msg['op']!r}; known: {', '.join(OPS)}")
-            op, arg = OPS[msg["op"]], msg.arrays[0]
-            cfg = self.state.config
-            if self.state.m * cfg.n_visible * cfg.n_hidden <= INLINE_WORK:
-                vec = op(self.state, arg)
-            else:
-                vec = self._in_thread(op, arg)
-            self.send(RESULT, msg.round, [vec], rows=self.state.m)
-        except Exception as e:
-            self.send_error(e, msg.round)
-
-    def _in_thread(self, op, arg):
-        """Run op in a thread, sending PINGs (busy) while it runs."""
+    def _in_thread(self, fn, *args):
+        """Run fn(*args) in a thread, sending PINGs (busy) while it runs."""
         import concurrent.futures
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(op, self.state, arg)
+            fut = pool.submit(fn, *args)
             while True:
                 try:
                     return fut.result(timeout=self.heartbeat)
                 except concurrent.futures.TimeoutError:
                     self._tick(busy=True)
+
+    # -- leaving
+    def _on_signal(self, signum, frame) -> None:
+        raise _Leave(signum)
+
+    def bye(self) -> None:
+        """Tell the master we leave, so it hands our blocks to the others at once."""
+        try:
+            self.send(BYE)
+            self.sock.linger = 1000  # let the BYE go out before the socket closes
+        except Exception as e:  # pragma: no cover - the master is gone anyway
+            log.debug("BYE not sent: %s", e)
+
+
+class _Leave(BaseException):
+    """SIGTERM or SIGINT: say BYE and exit 0 (BaseException: no handler swallows it)."""
+
+
+def _span(ids: list) -> str:
+    return f"{len(ids)} blocks" if len(ids) > 8 else ",".join(map(str, ids))
 
 
 def _parser() -> argparse.ArgumentParser:

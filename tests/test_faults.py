@@ -13,7 +13,7 @@ import zmq
 
 from qsae import Master, SAEConfig, init_params
 from qsae.data import load_images
-from qsae.protocol import EVAL, HELLO, PING, RESULT, SHARD, VERSION, encode
+from qsae.protocol import BLOCKS, EVAL, HELLO, PING, RESULT, SOURCE, VERSION, encode
 
 pytestmark = pytest.mark.timeout(120)
 CFG = SAEConfig()
@@ -39,7 +39,7 @@ def costs(result):
 def test_sigkill_mid_run_changes_nothing(images, undisturbed):
     with Master(workers=3, config=CFG, worker_timeout=2.0) as master:
         master.scatter_images(images, m=M, seed=0)
-        victim = master._workers[master._order[0]].pid
+        victim = next(iter(master._workers.values())).pid
 
         def kill_at_5(info):
             if info.iteration == 5:
@@ -53,10 +53,12 @@ def test_sigkill_mid_run_changes_nothing(images, undisturbed):
 
 def hostile_messages(rng: np.random.Generator, theta: np.ndarray, n: int):
     """Random bytes, mutated valid messages, and valid messages that are not the sender's to send."""
-    valid = [encode(EVAL, 7, [theta], op="sums"), encode(RESULT, 3, [theta], rows=10),
+    valid = [encode(EVAL, 7, [theta], op="sums", ids=[0]), encode(RESULT, 3, [theta[None, :]], ids=[0], rows=10,
+                                                                  seconds=0.1),
              encode(PING, busy=True), encode(HELLO, name="x", host="h", pid=1, cores=1, version="9.9.9"),
-             encode(SHARD, 1, [theta[:64].reshape(8, 8)], config={}, kind="images", lo=0, hi=1, m=1, patch_size=8,
-                    seed=0, sigma=1.0, chunk=0, chunks=1, append=False)]
+             encode(SOURCE, 1, [theta[:64].reshape(8, 8)], config={}, kind="images", m=1, block_rows=1,
+                    patch_size=8, seed=0, sigma=1.0, dtype="float64"),
+             encode(BLOCKS, 1, ids=[0, 1])]
     for i in range(n):
         kind = i % 5
         if kind == 0:  # random frames
@@ -71,7 +73,7 @@ def hostile_messages(rng: np.random.Generator, theta: np.ndarray, n: int):
         elif kind == 2:  # valid headers with lying arrays: wrong dtype, shape, count, NaN
             yield [msgpack.packb({"t": RESULT, "v": VERSION, "r": int(rng.integers(0, 50)),
                                   "a": [[rng.choice(["<f8", "<i8", "|O", ">f8"]), [int(rng.integers(-2, 9))]]],
-                                  "rows": 10}), np.full(int(rng.integers(0, 9)), np.nan).tobytes()]
+                                  "ids": [0], "rows": 10, "seconds": 0.1}), np.full(int(rng.integers(0, 9)), np.nan).tobytes()]
         elif kind == 3:  # well-formed but not allowed from this sender
             yield [bytes(f) for f in valid[int(rng.integers(len(valid)))]]
         else:  # wrong version, or a frame far too large

@@ -8,24 +8,29 @@ import pytest
 
 from qsae.errors import ProtocolError
 from qsae.protocol import (
-    ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SCHEMA, SHARD, STOP, VERSION, decode, encode,
+    BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_IDS, PING, PONG, READY, RESULT, SCHEMA, SOURCE, STOP,
+    VERSION, decode, encode,
 )
 
 pytestmark = pytest.mark.timeout(30)
 
 GOOD = {
     HELLO: dict(name="w#0", host="h", pid=1, cores=2, version="0.1.0"),
-    SHARD: dict(config={"n_hidden": 30}, kind="images", lo=0, hi=10, m=10, patch_size=8, seed=0, sigma=0.5,
-                chunk=0, chunks=1, append=False),
-    READY: dict(rows=10),
-    EVAL: dict(op="sums"),
-    RESULT: dict(rows=10),
+    SOURCE: dict(config={"n_hidden": 30}, kind="images", m=10, block_rows=4, patch_size=8, seed=0, sigma=0.5,
+                 dtype="float32"),
+    BLOCKS: dict(ids=[0, 2]),
+    READY: dict(ids=[0, 2], seconds=0.01),
+    DROP: dict(ids=[1]),
+    EVAL: dict(op="sums", ids=[0, 2]),
+    RESULT: dict(ids=[0, 2], rows=10, seconds=0.5),
     PING: dict(busy=True),
     PONG: {},
+    BYE: {},
     ERROR: dict(etype="ValueError", message="m", traceback="tb", host="h"),
     STOP: {},
 }
-ARRAYS = {EVAL: [np.arange(5.0)], RESULT: [np.arange(7.0)], SHARD: [np.ones((3, 4)), np.zeros((2, 2), np.float32)]}
+ARRAYS = {EVAL: [np.arange(5.0)], RESULT: [np.arange(14.0).reshape(2, 7)],
+          SOURCE: [np.ones((3, 4)), np.zeros((2, 2))], BLOCKS: [np.ones((4, 3), np.float32), np.ones((4, 3), np.float32)]}
 
 
 def frames(t, round=3, arrays=None, **fields):
@@ -42,7 +47,7 @@ def test_every_type_round_trips(t):
 
 
 def header(**h):
-    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums"}
+    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums", "ids": [0]}
     base.update(h)
     return msgpack.packb({k: v for k, v in base.items() if v is not ...})
 
@@ -97,3 +102,9 @@ def test_random_bytes_never_escape_as_another_exception():
             decode([bytes(f) for f in fs])
         except ProtocolError:
             pass
+
+
+@pytest.mark.parametrize("ids", [[-1], [2**31], [1.5], ["0"], [True], [3, 3], list(range(MAX_IDS + 1))])
+def test_bad_block_ids_are_refused(ids):
+    with pytest.raises(ProtocolError):
+        decode([header(ids=ids), DATA])

@@ -1,0 +1,190 @@
+"""Uneven and changing clusters with real worker processes: joins, leaves, returns, moves, stragglers.
+
+Every training test compares its cost history with an undisturbed run's: blocks are added in
+block order whoever computed them, so the histories agree to the last bit (asserted to 1e-10).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from qsae import Master, SAEConfig, init_params
+from qsae.data import load_images
+from qsae.errors import ConfigError
+from qsae.model import cost_and_grad
+from tests.procs import alive
+
+pytestmark = pytest.mark.timeout(120)
+CFG = SAEConfig()
+M, BLOCK, ITERS = 12_000, 1000, 16
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(images):
+    with Master(workers=2, config=CFG, block_rows=BLOCK) as master:
+        master.scatter_images(images, m=M, seed=0)
+        return costs(master.fit(init_params(CFG), maxiter=ITERS))
+
+
+def costs(result) -> np.ndarray:
+    return np.array([c for _, _, c in result.history])
+
+
+def active(master: Master) -> dict[str, dict]:
+    return {s["name"]: s for s in master.status() if s["state"] == "active"}
+
+
+def fit_with(master: Master, at: int, action) -> np.ndarray:
+    """Train ITERS iterations, calling ``action()`` once at iteration ``at``."""
+    def callback(info):
+        if info.iteration == at:
+            action()
+
+    result = master.fit(init_params(CFG), maxiter=ITERS, callback=callback)
+    assert result.nit == ITERS
+    return costs(result)
+
+
+def test_a_worker_joins_mid_run_and_is_given_blocks(images, undisturbed):
+    events = []
+    with Master(workers=2, config=CFG, block_rows=BLOCK, on_event=events.append) as master:
+        master.scatter_images(images, m=M, seed=0)
+        history = fit_with(master, 3, lambda: master.add_workers(1))
+        status = active(master)
+        assert len(status) == 3 and all(s["blocks"] > 0 for s in status.values()), status
+        assert sum(s["rows"] for s in status.values()) == M
+    np.testing.assert_allclose(history, undisturbed, rtol=1e-10)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("join") == 3 and "move" in kinds[kinds.index("join", 2):]
+    assert {"name", "host", "pid", "state", "rows", "blocks", "seconds", "rows_per_s"} <= set(events[-1]["workers"][0])
+
+
+def test_sigterm_leave_costs_no_timeout(images, undisturbed):
+    """A worker told to stop says BYE: its blocks move at once, no worker_timeout (60 s) is waited."""
+    with Master(workers=3, config=CFG, block_rows=BLOCK, worker_timeout=60.0) as master:
+        master.scatter_images(images, m=M, seed=0)
+        victim = next(iter(master._workers.values()))
+        t0 = time.monotonic()
+        history = fit_with(master, 4, lambda: os.kill(victim.pid, signal.SIGTERM))
+        assert time.monotonic() - t0 < 60  # finished long before a timeout would have fired
+        states = {s["name"]: s["state"] for s in master.status()}
+        assert states[victim.name] == "leaving" and len(active(master)) == 2
+        assert sum(s["rows"] for s in active(master).values()) == M
+    codes = dict(zip(master.launcher.pids, master.launcher.wait(5)))
+    assert codes[victim.pid] == 0  # it exited by itself, cleanly
+    np.testing.assert_allclose(history, undisturbed, rtol=1e-10)
+
+
+def test_a_lost_worker_that_comes_back_is_given_blocks(images, undisturbed):
+    events = []
+    with Master(workers=2, config=CFG, block_rows=BLOCK, worker_timeout=1.0, heartbeat=0.25,
+                on_event=events.append) as master:
+        master.scatter_images(images, m=M, seed=0)
+        victim = next(iter(master._workers.values()))
+
+        def freeze_and_thaw():
+            os.kill(victim.pid, signal.SIGSTOP)
+            threading.Timer(2.5, os.kill, (victim.pid, signal.SIGCONT)).start()
+
+        history = fit_with(master, 2, freeze_and_thaw)
+        deadline = time.monotonic() + 10  # thawed, it hears it is unknown and says HELLO again
+        while master.n_workers < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        master(init_params(CFG))  # the next evaluation gives it blocks
+        assert {s["name"]: s["state"] for s in master.status()}[victim.name] == "active"
+        assert active(master)[victim.name]["blocks"] > 0
+        assert master.stats["blocks placed"] > M // BLOCK  # its blocks were placed twice
+    assert [e["event"] for e in events if e["event"] in ("lost", "return")] == ["lost", "return"]
+    np.testing.assert_allclose(history, undisturbed, rtol=1e-10)
+
+
+def _busy_on(cpu: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    os.sched_setaffinity(p.pid, {cpu})
+    return p
+
+
+def _evaluate_until(master: Master, theta, done, most: int = 40) -> bool:
+    for _ in range(most):
+        master(theta)
+        if done():
+            return True
+    return False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin two workers apart")
+def test_blocks_move_towards_a_worker_made_faster(images):
+    """Worker 0 shares its core with two busy processes, then they end: blocks go to the other
+    worker first, and come back once worker 0 is fast again."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    theta = init_params(CFG)
+    m = 4 * M
+    busy = []
+    with Master(workers=2, config=CFG, block_rows=BLOCK) as master:
+        w0, w1 = list(master._workers.values())
+        os.sched_setaffinity(w0.pid, {cpus[0]})
+        os.sched_setaffinity(w1.pid, {cpus[1]})
+        master.scatter_images(images, m=m, seed=0)
+        rows0 = lambda: active(master)[w0.name]["rows"]  # noqa: E731
+        try:
+            busy = [_busy_on(cpus[0]) for _ in range(2)]
+            assert _evaluate_until(master, theta, lambda: rows0() < 0.4 * m), master.status()
+            for p in busy:
+                p.kill()
+                p.wait()
+            assert _evaluate_until(master, theta, lambda: rows0() > 0.45 * m), master.status()
+        finally:
+            for p in busy:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert master.stats["blocks moved"] > 0
+        c, _ = master(theta)
+    from qsae.data import sample_patches
+
+    c_ref, _ = cost_and_grad(theta, sample_patches(images, m, seed=0), CFG)
+    assert abs(c - c_ref) < 1e-10 * c_ref
+
+
+def test_a_sigstop_straggler_is_backed_up(images):
+    """A worker stopped inside a round (1.5 s, worker_timeout 5 s): the others compute its blocks,
+    the round's sums are the undisturbed ones, and the worker stays a member."""
+    theta = init_params(CFG)
+    with Master(workers=3, config=CFG, block_rows=BLOCK, worker_timeout=5.0) as master:
+        master.scatter_images(images, m=M, seed=0)
+        for _ in range(6):  # speeds measured
+            ref = master(theta)
+        victim = next(iter(master._workers.values()))
+        os.kill(victim.pid, signal.SIGSTOP)
+        timer = threading.Timer(1.5, os.kill, (victim.pid, signal.SIGCONT))
+        timer.start()
+        try:
+            c, g = master(theta)
+        finally:
+            timer.join()
+        assert master.stats["backups"] >= 1
+        assert c == ref[0] and np.array_equal(g, ref[1])
+        assert master.n_workers == 3 and alive(victim.pid)
+        assert master(theta)[0] == ref[0]  # its late answer was dropped by round number
+
+
+def test_add_workers_refuses_nonsense():
+    with Master(workers=1, config=CFG) as master:
+        for n in (0, -1, 1.5, True):
+            with pytest.raises(ConfigError, match="add_workers"):
+                master.add_workers(n)
+    with pytest.raises(ConfigError, match="no launcher"):
+        Master(workers=0, wait_for=1, curve=False).add_workers(1)

@@ -1,0 +1,132 @@
+"""The planner and the round bookkeeping, without sockets (as tests/test_reduce.py does the math)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from qsae.placement import (
+    BLOCK_ROWS, MAX_BLOCKS, MIN_BLOCK_ROWS, WorkerView, block_bounds, block_rows_for, plan, round_seconds,
+)
+from qsae.rounds import Round
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def apply(workers, moves):
+    held = {w.key: set(w.blocks) for w in workers}
+    for mv in moves:
+        assert mv.src is None or mv.block in held[mv.src], mv
+        if mv.src is not None:
+            held[mv.src].remove(mv.block)
+        held[mv.dst].add(mv.block)
+    return [WorkerView(w.key, w.speed, tuple(sorted(held[w.key]))) for w in workers]
+
+
+def test_block_sizes():
+    assert block_rows_for(100) == MIN_BLOCK_ROWS and block_rows_for(100_000) == BLOCK_ROWS
+    assert block_rows_for(10_000) == MIN_BLOCK_ROWS  # 10 blocks rather than 3
+    big = block_rows_for(10**8)
+    assert big % BLOCK_ROWS == 0 and len(block_bounds(10**8, big)) <= MAX_BLOCKS
+    assert block_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(ValueError):
+        block_rows_for(0)
+
+
+def test_every_orphan_is_placed_by_speed():
+    sizes = [100] * 30
+    workers = [WorkerView("a", 1.0), WorkerView("b", 2.0)]
+    moves = plan(workers, sizes)
+    assert all(mv.src is None for mv in moves) and sorted(mv.block for mv in moves) == list(range(30))
+    after = apply(workers, moves)
+    assert [len(w.blocks) for w in after] == [10, 20]  # rows in proportion to speed
+
+
+def test_balanced_placement_is_left_alone():
+    sizes = [100] * 20
+    workers = [WorkerView("a", 1.0, tuple(range(10))), WorkerView("b", 1.05, tuple(range(10, 20)))]
+    assert plan(workers, sizes) == []  # 5% faster is noise: hysteresis keeps the blocks where they are
+
+
+def test_blocks_move_from_slow_to_fast():
+    sizes = [100] * 30
+    workers = [WorkerView("slow", 1.0, tuple(range(15))), WorkerView("fast", 2.0, tuple(range(15, 30)))]
+    moves = plan(workers, sizes)
+    assert moves and all(mv.src == "slow" and mv.dst == "fast" for mv in moves)
+    after = apply(workers, moves)
+    assert round_seconds(after, sizes) < 0.75 * round_seconds(workers, sizes)
+    assert plan(after, sizes) == []  # and then it stays: no moving back and forth
+
+
+def test_a_move_must_pay_for_itself():
+    sizes = [100] * 30
+    workers = [WorkerView("slow", 1.0, tuple(range(15))), WorkerView("fast", 2.0, tuple(range(15, 30)))]
+    gain = round_seconds(workers, sizes) - round_seconds(apply(workers, plan(workers, sizes)), sizes)
+    assert plan(workers, sizes, move_seconds=3 * gain) == []  # 10 evaluations' gain < 5 moves' cost
+    assert plan(workers, sizes, move_seconds=gain / 100)
+
+
+def test_joiner_gets_blocks_and_leaver_blocks_are_orphans():
+    sizes = [100] * 12
+    workers = [WorkerView("a", 1.0, tuple(range(12))), WorkerView("new", 1.0)]
+    after = apply(workers, plan(workers, sizes))
+    assert [len(w.blocks) for w in after] == [6, 6]
+    # "a" left: its blocks are orphans, placed on the one remaining
+    rest = [WorkerView("new", 1.0, after[1].blocks)]
+    moves = plan(rest, sizes)
+    assert {mv.block for mv in moves} == set(after[0].blocks) and all(mv.src is None for mv in moves)
+
+
+def test_plan_is_deterministic_and_places_each_block_once():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        sizes = [int(s) for s in rng.integers(1, 500, n)]
+        owners = rng.integers(-1, 4, n)  # -1: nobody
+        workers = [WorkerView(k, float(rng.uniform(0.1, 5)), tuple(int(b) for b in np.flatnonzero(owners == k)))
+                   for k in range(4)]
+        moves = plan(workers, sizes)
+        assert moves == plan(workers, sizes)
+        after = apply(workers, moves)
+        assert sorted(b for w in after for b in w.blocks) == list(range(n))
+        assert round_seconds(after, sizes) <= round_seconds(apply(workers, [m for m in moves if m.src is None]), sizes)
+
+
+def test_bad_snapshots_are_refused():
+    with pytest.raises(ValueError, match="no workers"):
+        plan([], [1])
+    with pytest.raises(ValueError, match="speed"):
+        plan([WorkerView("a", 0.0)], [1])
+    with pytest.raises(ValueError, match="held twice"):
+        plan([WorkerView("a", 1.0, (0,)), WorkerView("b", 1.0, (0,))], [1])
+
+
+def test_round_first_answer_per_block_wins():
+    sizes = [10, 10, 10, 10]
+    rnd = Round(5, "sums", True, {"a": [0, 1], "b": [2, 3]}, {"a": 0.0, "b": 0.0}, sizes)
+    rnd.accept("a", [0, 1], np.array([[1.0], [2.0]]))
+    time.sleep(0.12)  # past b's deadline (predicted 0 s + the slack)
+    assert rnd.stragglers() == ["b"]
+    assert rnd.backups("b", {"a": 1.0}) == {"a": [2, 3]} and rnd.stragglers() == []
+    rnd.accept("b", [2], np.array([[3.0]]))  # the straggler's own answer may still come first ...
+    rnd.accept("a", [2, 3], np.array([[30.0], [4.0]]))  # ... then only block 3 of the backup counts
+    assert rnd.done and [v[0] for _, v in rnd.replies()] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_round_average_backs_up_a_whole_group():
+    rnd = Round(1, "average", False, {"a": [0], "b": [1, 2]}, {"a": 0.0, "b": 0.0}, [10, 10, 10])
+    rnd.accept("a", [0], np.array([[1.0]]))
+    assert rnd.backups("b", {"a": 1.0}) == {"a": [1, 2]}
+    rnd.accept("a", [1], np.array([[9.0]]))  # not the group: ignored
+    assert not rnd.done
+    rnd.accept("a", [1, 2], np.array([[2.0]]))
+    assert rnd.done and [(k, v[0]) for k, v in rnd.replies()] == [(10, 1.0), (20, 2.0)]
+
+
+def test_a_joiner_is_given_blocks_even_when_moves_are_dear():
+    sizes = [100] * 12
+    workers = [WorkerView("a", 1.0, tuple(range(6))), WorkerView("b", 1.0, tuple(range(6, 12))), WorkerView("new", 1.0)]
+    after = apply(workers, plan(workers, sizes, move_seconds=1e9))
+    assert [len(w.blocks) for w in after] == [4, 4, 4]
