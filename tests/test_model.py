@@ -8,13 +8,19 @@ import pytest
 from qsae.errors import ConfigError, DataError
 from qsae.reference import textbook_cost_and_grad as textbook
 from qsae.model import (
+    FORWARD_CHUNKS,
     SAEConfig,
     Sums,
+    activation_sums,
+    backward,
+    chunk_rows,
     cost_and_grad,
     finish_sums,
+    forward,
     init_params,
     minibatch_cost_and_grad,
     shard_sums,
+    sparsity_delta,
     unpack,
 )
 
@@ -50,8 +56,11 @@ def test_gradient_matches_central_differences(cfg, m):
     assert rel < 1e-8
 
 
+ROWS = chunk_rows(SAEConfig())  # the same for the report's and UFLDL's n = 64
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[:2], ids=["report", "ufldl"])
-@pytest.mark.parametrize("m", [1, 383, 384, 385, 5000])  # around the row-block size
+@pytest.mark.parametrize("m", [1, ROWS - 1, ROWS, ROWS + 1, FORWARD_CHUNKS * ROWS + 1, 5000])  # around the chunk sizes
 def test_blocked_cost_equals_textbook(cfg, m):
     theta, X = problem(cfg, m, seed=m)
     c, g = cost_and_grad(theta, X, cfg)
@@ -121,3 +130,125 @@ def test_bad_shapes_are_named():
         cost_and_grad(theta[:-1], X, cfg)
     with pytest.raises(DataError, match="0 rows"):
         cost_and_grad(theta, X[:0], cfg)
+
+
+def test_chunk_rows_stay_in_the_small_matrix_range():
+    for cfg in CONFIGS + [SAEConfig(n_hidden=400), SAEConfig(n_visible=256, n_hidden=100)]:
+        rows = chunk_rows(cfg)
+        assert 128 <= rows <= 504 and rows % 8 == 0
+        assert rows * cfg.n_visible * (cfg.n_hidden + 1) <= 1_000_000 or rows == 128
+    assert chunk_rows(SAEConfig()) == 504
+
+
+# float32: the products and passes run in X's dtype, the sums in float64.
+
+
+def float32_problem(cfg, m, seed=0):
+    """θ and float32 patches, and the same patches in float64 (the reference sees the same numbers)."""
+    theta, X = problem(cfg, m, seed)
+    X32 = X.astype(np.float32)
+    return theta, X32, X32.astype(np.float64)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["report", "ufldl", "default", "odd"])
+@pytest.mark.parametrize("m", [1, 3, ROWS + 1, 5000])
+def test_float32_cost_and_gradient_match_float64(cfg, m):
+    theta, X32, X64 = float32_problem(cfg, m, seed=m)
+    c32, g32 = cost_and_grad(theta, X32, cfg)
+    c64, g64 = cost_and_grad(theta, X64, cfg)
+    assert isinstance(c32, float) and g32.dtype == np.float64
+    assert c32 != c64  # really computed in float32
+    assert abs(c32 - c64) <= 1e-6 * abs(c64)
+    assert np.linalg.norm(g32 - g64) <= 1e-5 * np.linalg.norm(g64)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[2:], ids=["default", "odd"])
+def test_float32_gradient_matches_central_differences(cfg):
+    """Differences of the float32 cost itself: ε = 1e-3 keeps float32's rounding (≈1e-7 of J,
+    divided by 2ε) well under the tolerance, and the truncation error is O(ε²)."""
+    theta, X32, _ = float32_problem(cfg, 1000)
+    _, grad = cost_and_grad(theta, X32, cfg)
+    rng = np.random.default_rng(5)
+    idx = rng.choice(theta.size, size=min(40, theta.size), replace=False)
+    idx[:4] = [0, 2 * cfg.n_visible * cfg.n_hidden, theta.size - 1, cfg.n_visible * cfg.n_hidden]
+    eps = 1e-3
+    num = np.empty(idx.size)
+    for j, i in enumerate(idx):
+        e = np.zeros_like(theta)
+        e[i] = eps
+        num[j] = (cost_and_grad(theta + e, X32, cfg)[0] - cost_and_grad(theta - e, X32, cfg)[0]) / (2 * eps)
+    assert np.linalg.norm(num - grad[idx]) / np.linalg.norm(num + grad[idx]) < 1e-3
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_float32_shard_sums_equal_a_float64_reference(t):
+    """The one-round sums of float32 shards, cut across chunk boundaries, reduce to the float64 cost."""
+    cfg = SAEConfig.report()
+    theta, X32, X64 = float32_problem(cfg, 3 * ROWS + 7)
+    total = Sums(0, 0.0)
+    for part in np.array_split(X32, t):
+        sums = shard_sums(theta, part, cfg)
+        assert sums.vec.dtype == np.float64 and sums.vec.shape == (Sums.size(cfg, one_round=True),)
+        total = total + sums
+    c, g = finish_sums(theta, total, cfg, s_folded=False)
+    c_ref, g_ref = textbook(theta, X64, cfg)
+    assert abs(c - c_ref) <= 1e-5 * abs(c_ref)
+    assert np.linalg.norm(g - g_ref) <= 1e-5 * np.linalg.norm(g_ref)
+
+
+def test_float32_two_round_pass_keeps_float32_activations():
+    cfg = SAEConfig()
+    theta, X32, X64 = float32_problem(cfg, 2 * ROWS + 3)
+    A = forward(theta, X32, cfg)
+    assert A.dtype == np.float32 and A.shape == (X32.shape[0], cfg.n_hidden + 1)
+    assert np.all(A[:, cfg.n_hidden] == 1.0)  # the ones column, exactly
+    A64 = forward(theta, X64, cfg)
+    np.testing.assert_allclose(A, A64, rtol=1e-6, atol=1e-7)
+    p = activation_sums(A, cfg) / A.shape[0]
+    assert p.dtype == np.float64
+    np.testing.assert_allclose(p, A64[:, : cfg.n_hidden].mean(axis=0), rtol=1e-6)
+    s = sparsity_delta(p, cfg)
+    v32 = backward(theta, X32, A, s, cfg).vec
+    v64 = backward(theta, X64, A64, s, cfg).vec
+    assert v32.dtype == np.float64
+    assert np.linalg.norm(v32 - v64) <= 1e-5 * np.linalg.norm(v64)
+
+
+def test_activation_sums_add_chunks_in_float64():
+    """10⁶ float32 rows of 0.1: a float32 sum down the columns drifts by ~1e-2 (5e-4 by BLAS);
+    chunk sums added in float64 stay within one chunk's rounding."""
+    cfg = SAEConfig(n_visible=4, n_hidden=3)
+    A = np.full((1_000_003, 4), 0.1, dtype=np.float32)
+    exact = A.shape[0] * float(np.float32(0.1))
+    naive = np.ones(A.shape[0], np.float32) @ A  # as A[:, :h].sum(0) would be done in float32
+    assert abs(float(naive[0]) - exact) > 1e-4 * exact  # the drift avoided
+    np.testing.assert_allclose(activation_sums(A, cfg), exact, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.float64])
+def test_other_dtypes_compute_in_float64(dtype):
+    cfg = SAEConfig(n_visible=7, n_hidden=5)
+    theta, X = problem(cfg, 20)
+    X = (X * 10).astype(dtype)
+    assert forward(theta, X, cfg).dtype == np.float64
+    c, g = cost_and_grad(theta, X, cfg)
+    c_ref, g_ref = textbook(theta, X.astype(np.float64), cfg)
+    assert abs(c - c_ref) <= 1e-12 * abs(c_ref)
+
+
+def test_float32_minibatch_rates_are_float64():
+    cfg = SAEConfig()
+    theta, X32, X64 = float32_problem(cfg, 50)
+    c, g, rates = minibatch_cost_and_grad(theta, X32, cfg)
+    c_ref, g_ref, rates_ref = minibatch_cost_and_grad(theta, X64, cfg)
+    assert rates.dtype == np.float64 and g.dtype == np.float64
+    assert c == pytest.approx(c_ref, rel=1e-6)
+    np.testing.assert_allclose(rates, rates_ref, rtol=1e-6)
+
+
+def test_activations_of_another_shard_are_refused():
+    cfg = SAEConfig()
+    theta, X = problem(cfg, 10)
+    A = forward(theta, X[:9], cfg)
+    with pytest.raises(DataError, match=r"activations have shape \(9, 31\).*forward\(theta, X, config\)"):
+        backward(theta, X, A, None, cfg)
