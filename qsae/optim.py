@@ -250,7 +250,8 @@ def minimize(
     Raises
     ------
     ConfigError
-        Unknown method or option, missing SGD option, bad ``maxiter``.
+        Unknown method or option, missing SGD option, bad ``maxiter``, a θ0 of a
+        floating dtype other than float64 (float32 θ loses the small steps of L-BFGS).
     NumericalError
         ``fun`` (or SGD's ``batch_fun``) returned NaN or Inf; ``err.result`` holds the
         last completed iteration.
@@ -265,6 +266,12 @@ def minimize(
         raise ConfigError(f"maxiter={maxiter!r} must be a positive integer, e.g. 400")
     if fun is None and method != "sgd":
         raise ConfigError(f"method {method!r} needs fun(θ) -> (cost, grad); only 'sgd' can do without")
+    dtype = np.asarray(theta0).dtype
+    if np.issubdtype(dtype, np.floating) and dtype != np.float64:
+        raise ConfigError(
+            f"θ0 is {dtype}: the optimizer keeps θ in float64 (the model computes in the patches' dtype); "
+            "pass theta0.astype(np.float64)"
+        )
     theta0 = np.array(theta0, dtype=np.float64).ravel()
     run = _Run(fun, theta0, callback)
     try:

@@ -302,3 +302,24 @@ def test_array_sampler_draws_rows():
     assert all(row.tolist() in X.tolist() for row in batch)
     with pytest.raises(ConfigError):
         array_sampler(np.zeros(5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_float32_theta_is_refused_with_the_fix(dtype):
+    cfg = SAEConfig(n_visible=4, n_hidden=2)
+    X = np.random.default_rng(0).uniform(0.1, 0.9, size=(20, 4))
+    theta0 = init_params(cfg).astype(dtype)
+    with pytest.raises(ConfigError, match=rf"{np.dtype(dtype).name}.*theta0\.astype\(np\.float64\)"):
+        minimize(lambda t: cost_and_grad(t, X, cfg), theta0, maxiter=2)
+    result = minimize(lambda t: cost_and_grad(t, X, cfg), theta0.astype(np.float64), maxiter=2)
+    assert result.x.dtype == np.float64 and result.nit >= 1
+
+
+def test_float32_patches_train_with_a_float64_theta():
+    cfg = SAEConfig(n_visible=4, n_hidden=2)
+    X = np.random.default_rng(0).uniform(0.1, 0.9, size=(50, 4))
+    r32 = minimize(lambda t: cost_and_grad(t, X.astype(np.float32), cfg), init_params(cfg), maxiter=20)
+    r64 = minimize(lambda t: cost_and_grad(t, X.astype(np.float32).astype(np.float64), cfg), init_params(cfg),
+                   maxiter=20)
+    assert r32.x.dtype == np.float64
+    assert r32.fun == pytest.approx(r64.fun, rel=1e-5)
