@@ -26,8 +26,8 @@ All follow :class:`Launcher`: ``prepare()`` (preflight), ``bind_address()``,
 ``stop()``, ``failures()``; use them as context managers so that ``stop()`` always runs.
 
 Layout: ``base`` (the interface, the stop sequence, bookkeeping, log pumps), ``local``
-(child processes: local workers, and the srun children of Slurm workers), ``ssh``,
-``slurm``, ``hosts`` (hosts files).
+(child processes: local workers, and the srun children of Slurm workers), ``ssh``
+(and ``sshcheck``: each way a host can fail, in one line), ``slurm``, ``hosts`` (hosts files).
 
 Hosts file format
 -----------------

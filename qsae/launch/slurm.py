@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, LaunchError
 from .base import WORKER_ARGS, _Worker, log
 from .local import ChildProcessLauncher
-from .ssh import INSTALL_HINT
+from .sshcheck import INSTALL_HINT
 
 #: the fix named by every "not inside an allocation" error
 OUTSIDE_HINT = ("run `salloc -n N qsae-master --slurm ...`, or put that line in an sbatch script "

@@ -7,7 +7,6 @@ import getpass
 import json
 import os
 import shlex
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..errors import ConfigError, LaunchError
 
 from .base import WORKER_ARGS, Launcher, WorkerConfig, _blas_env, _json_line, _Worker, log
 from .hosts import HostSpec, parse_hosts
+from .sshcheck import INSTALL_HINT, _fingerprint, _UnknownHostKey, explain
 
 # --------------------------------------------------------------------------------------
 # Workers over SSH
@@ -39,27 +39,6 @@ except Exception as e:
 sys.stdout.write('QSAE-PREFLIGHT ' + json.dumps({'python': '%d.%d.%d' % tuple(sys.version_info[:3]),
     'executable': sys.executable, 'qsae': v, 'error': err}) + '\\n')
 """
-
-
-#: how to put qsae on a node (qsae is on no package index): from a checkout, or a wheel built here
-INSTALL_HINT = ("install it there from a checkout (pip install /path/to/qsae) or a wheel (pip wheel --no-deps . "
-                "here, copy qsae-*.whl, pip install qsae-*.whl there)")
-
-
-class _UnknownHostKey(Exception):
-    def __init__(self, hostname: str, key_type: str, fingerprint: str) -> None:
-        super().__init__(hostname)
-        self.hostname, self.key_type, self.fingerprint = hostname, key_type, fingerprint
-
-
-def _fingerprint(key: Any) -> str:
-    fp = getattr(key, "fingerprint", None)
-    if isinstance(fp, str):
-        return fp
-    import base64
-    import hashlib
-
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
 def _host_key_policy(accept_new: bool, save_to: str | None) -> Any:
@@ -253,73 +232,6 @@ class SSHLauncher(Launcher):
             client.close()
             raise
 
-    def _explain(self, e: BaseException, h: _Host, elapsed: float | None = None) -> str:
-        """One line: what went wrong with host ``h``, after how long, and the fix."""
-        import errno
-
-        import paramiko
-
-        where, t = h.where, self.connect_timeout
-        after = f" after {elapsed:.2f} s" if elapsed is not None else ""
-        if isinstance(e, _UnknownHostKey):
-            return (f"{where}: unknown host key ({e.key_type} {e.fingerprint} for {e.hostname}): "
-                    f"pass --accept-new-host-keys or ssh to it once to add it to known_hosts")
-        if isinstance(e, paramiko.BadHostKeyException):
-            return (f"{where}: host key CHANGED (got {_fingerprint(e.key)}, known_hosts has "
-                    f"{_fingerprint(e.expected_key)}): a reinstalled host or a man in the middle; if it is "
-                    f"expected, remove the old key with ssh-keygen -R {e.hostname}")
-        if isinstance(e, paramiko.AuthenticationException) or (
-                isinstance(e, paramiko.SSHException) and "no authentication methods" in str(e).lower()):
-            keys = ", ".join(h.key_filenames) or "the ssh agent and ~/.ssh/id_*"
-            return (f"{where}: authentication refused for user {h.user} (tried {keys}): add your public key to "
-                    f"~{h.user}/.ssh/authorized_keys there (ssh-copy-id), load the key into ssh-agent, or set "
-                    f"IdentityFile/User for it in ~/.ssh/config")
-        if isinstance(e, socket.gaierror):
-            return f"{where}: cannot resolve host name {h.hostname!r} ({e.strerror}): check the spelling or ~/.ssh/config"
-        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
-            codes = {getattr(x, "errno", None) for x in e.errors.values()}
-            if codes == {errno.ECONNREFUSED}:
-                return (f"{where}: connection refused on port {h.port}{after}: is sshd running there, and is the "
-                    f"port right (host:port in the hosts file, Port in ~/.ssh/config)?")
-            return f"{where}: unreachable{after} ({e}): check that the host is up and the network/firewall lets you in"
-        if isinstance(e, ConnectionRefusedError):
-            return f"{where}: connection refused on port {h.port}{after}: is sshd running there, and is the port right?"
-        if isinstance(e, (socket.timeout, TimeoutError)):
-            return (f"{where}: timed out{after or f' after {t:g} s'} (connect_timeout {t:g} s): the host is down, "
-                    f"firewalled or slow; check it, or raise connect_timeout")
-        text = str(e).lower()
-        if isinstance(e, paramiko.SSHException) and any(s in text for s in ("banner", "no existing session",
-                                                                             "negotiation")):
-            return self._explain_handshake(e, h, elapsed)
-        if isinstance(e, (ConnectionResetError, EOFError)):
-            return (f"{where}: the connection was {'reset' if isinstance(e, ConnectionResetError) else 'closed'} "
-                    f"by the server{after}: is port {h.port} an SSH server that accepts this client? Check its log")
-        if isinstance(e, OSError):
-            return f"{where}: unreachable{after} ({e.strerror or e}): check that the host is up and reachable"
-        return f"{where}: SSH failed{after}: {type(e).__name__}: {e}"
-
-    def _explain_handshake(self, e: BaseException, h: _Host, elapsed: float | None) -> str:
-        """A failed SSH banner/key exchange: reset, closed, garbage or silence, told apart by cause and time."""
-        where, t, text = h.where, self.connect_timeout, str(e)
-        cause = e.__cause__ or e.__context__
-        after = f" after {elapsed:.2f} s" if elapsed is not None else ""
-        reset = isinstance(cause, ConnectionResetError) or "reset by peer" in text.lower()
-        closed = isinstance(cause, EOFError) or text.strip().lower() in ("error reading ssh protocol banner",
-                                                                         "no existing session")
-        if reset:
-            return (f"{where}: the server reset the connection during the SSH handshake{after} ({text}): is port "
-                    f"{h.port} an SSH server that accepts this client (MaxStartups, AllowUsers, a firewall)? "
-                    f"Check its log")
-        if elapsed is None or elapsed >= 0.9 * t:
-            # paramiko reports a silent server as "No existing session" when the handshake times out
-            return (f"{where}: no SSH banner/handshake within {t:g} s ({text}): is port {h.port} an SSH server, "
-                    f"and is the host not overloaded? Check the port, or raise connect_timeout")
-        if closed:
-            return (f"{where}: the server closed the connection during the SSH handshake{after} ({text}): is port "
-                    f"{h.port} an SSH server that accepts this client? Check its log")
-        return (f"{where}: the SSH handshake failed{after} ({text}): is port {h.port} an SSH server? Check the port "
-                f"and the server's log")
-
     def _preflight(self, h: _Host, client: Any) -> str | None:
         """Run the remote python; return None if it imports a compatible qsae, else the reason."""
         from qsae import __version__
@@ -385,7 +297,7 @@ class SSHLauncher(Launcher):
             client = self._connect(h)
             error = self._preflight(h, client)
         except BaseException as e:  # reported, never raised from a thread
-            error = self._explain(e, h, time.monotonic() - t0)
+            error = explain(e, h, self.connect_timeout, time.monotonic() - t0)
         if h.abandoned:  # prepare() gave up on this host already
             if client is not None:
                 client.close()
@@ -482,15 +394,15 @@ class SSHLauncher(Launcher):
                     h.clients.append(self._connect(h))
                 opened.append((worker, self._open_channel(h, h.clients[c], worker, message), message))
             except Exception as e:
-                errors.append(f"{self._explain(e, h, time.monotonic() - t0)} "
+                errors.append(f"{explain(e, h, self.connect_timeout, time.monotonic() - t0)} "
                               f"({len(messages) - i} worker(s) of {h.display} not started)")
                 break
         for worker, stdout, message in opened:
             try:
                 self._finish_channel(h, worker, stdout, message)
             except Exception as e:
-                reason = e.args[0] if isinstance(e, LaunchError) else f"{worker.name}: {self._explain(e, h)}"
-                errors.append(reason)
+                errors.append(e.args[0] if isinstance(e, LaunchError)
+                              else f"{worker.name}: {explain(e, h, self.connect_timeout)}")
 
     def _open_channel(self, h: _Host, client: Any, worker: _Worker, message: dict[str, Any]) -> Any:
         t = self.connect_timeout
