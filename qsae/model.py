@@ -257,7 +257,7 @@ def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
         u -= B1[: u.shape[0]]
         np.exp(u, out=u)
         u += 1.0
-        np.reciprocal(u, out=u)
+        np.divide(1.0, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
     return A
 
 
@@ -331,7 +331,7 @@ def backward(
         np.matmul(a, nW2bT, out=o)  # −z3
         np.exp(o, out=o)
         o += 1.0
-        np.reciprocal(o, out=o)  # a3 = 1/(1 + e^−z3)
+        np.divide(1.0, o, out=o)  # a3 = 1/(1 + e^−z3)
         np.subtract(o, x, out=d)  # a3 − x
         sq[i] = np.vdot(d, d)
         d *= o
