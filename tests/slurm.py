@@ -82,10 +82,14 @@ class SlurmCluster:
         self.env: dict[str, str] = {}
         self.conf = Path()
         self.munge_socket = Path()
+        self.ports = (0, 0)  # SlurmctldPort, SlurmdPort
 
     # -- setup ---------------------------------------------------------------------
 
     def _write_files(self, root: Path) -> None:
+        self.ports = (free_port(), free_port())
+        while self.ports[1] == self.ports[0]:
+            self.ports = (self.ports[0], free_port())
         (root / "munge").mkdir(mode=0o755)
         (root / "key").mkdir(mode=0o700)
         (root / "state").mkdir(mode=0o755)
@@ -101,8 +105,8 @@ class SlurmCluster:
             f"SlurmctldHost={self.node}(127.0.0.1)\n"
             f"SlurmUser={_user()}\n"
             f"SlurmdUser={_user()}\n"
-            f"SlurmctldPort={free_port()}\n"
-            f"SlurmdPort={free_port()}\n"
+            f"SlurmctldPort={self.ports[0]}\n"
+            f"SlurmdPort={self.ports[1]}\n"
             "AuthType=auth/munge\n"
             "CredType=cred/munge\n"
             f"AuthInfo=socket={self.munge_socket}\n"
@@ -151,8 +155,20 @@ class SlurmCluster:
     # -- life cycle ----------------------------------------------------------------
 
     def start(self) -> SlurmCluster:
-        """Start munged, slurmctld and slurmd; return once the node is idle."""
+        """Start munged, slurmctld and slurmd; return once the node is idle.
+
+        Tries three times: a free port may be taken between probe and bind.
+        """
         require_slurm()
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_once(self) -> SlurmCluster:
         self.root = Path(tempfile.mkdtemp(prefix="qsae-slurm-"))
         self.root.chmod(0o755)
         try:
