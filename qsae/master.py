@@ -728,23 +728,23 @@ class Master:
         return {"sums": Sums.size(cfg, one_round=True), "backward": Sums.size(cfg, one_round=False),
                 "forward": cfg.n_hidden, "average": cfg.n_params + 1}.get(op)
 
-    def _take_result(self, w: WorkerInfo, msg, rnd: Round, width: int) -> None:
-        """Check a RESULT (shape, finiteness), record the worker's speed, give it to the round."""
+    def _take_result(self, w: WorkerInfo, msg, rnd: Round, width: int | None) -> None:
+        """Check a RESULT (round, shape, finiteness), note the worker's compute time, give it to the round."""
+        if msg.round != rnd.number:  # a straggler's answer after its backups won, or of an abandoned round
+            log.debug("dropped a late RESULT of round %d from %s (round %d runs)", msg.round, w.name, rnd.number)
+            return
         ids, out = msg["ids"], msg.arrays[0]
         rows_expected = len(ids) if rnd.per_block else 1
-        if out.shape != (rows_expected, width):
+        if width is not None and out.shape != (rows_expected, width):
             log.error("worker %s returned results of shape %s, this run's model needs %s: another model or qsae "
                       "version; it is dropped", w.name, out.shape, (rows_expected, width))
             self._drop([w.ident], LOST, f"results of shape {out.shape}, expected {(rows_expected, width)}")
             return
-        if sorted(ids) == sorted(w.blocks):  # its own blocks (not a backup): a speed sample
-            w.record(msg["rows"], msg["seconds"])
-        if msg.round != rnd.number:
-            log.debug("dropped a late RESULT of round %d from %s (round %d runs)", msg.round, w.name, rnd.number)
-            return
         if not np.isfinite(out).all():
             raise NumericalError(f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round "
                                  f"{rnd.number} ({rnd.op}); the run stops here with the last good θ saved")
+        if sorted(ids) == sorted(w.blocks):  # its own blocks, not a backup: part of its evaluation's time
+            w.eval_rows, w.eval_seconds = msg["rows"], w.eval_seconds + msg["seconds"]
         rnd.accept(w.ident, ids, out)
 
     def _back_up(self, rnd: Round, straggler: bytes, arg: np.ndarray, data) -> None:
@@ -776,8 +776,14 @@ class Master:
                 try:
                     self._settle()
                     self._evals += 1
-                    n = max(1, len(self.members.active()))
-                    return self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / n)
+                    active = self.members.active()
+                    for w in active:
+                        w.eval_rows, w.eval_seconds = 0, 0.0
+                    out = self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / max(1, len(active)))
+                    for w in active:  # a speed sample: rows over the compute seconds of all the evaluation's rounds
+                        if w.eval_seconds > 0:
+                            w.record(w.eval_rows, w.eval_seconds)
+                    return out
                 except _Lost as lost:
                     self._lost(lost)
 

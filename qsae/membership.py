@@ -43,7 +43,9 @@ class WorkerInfo:
     last_sent: float = 0.0
     state: str = JOINING
     blocks: set = field(default_factory=set)  # block ids it holds
-    seconds: float | None = None  # compute seconds of its last result
+    seconds: float | None = None  # compute seconds of its last evaluation (all its rounds)
+    eval_rows: int = 0  # rows and compute seconds of the evaluation running now
+    eval_seconds: float = 0.0
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SPEED_SAMPLES))
 
     @property
@@ -52,7 +54,7 @@ class WorkerInfo:
         return statistics.median(self.samples) if self.samples else None
 
     def record(self, rows: int, seconds: float) -> None:
-        """A result of ``rows`` rows computed in ``seconds``."""
+        """An evaluation of ``rows`` rows that took ``seconds`` of compute (every round of it)."""
         self.seconds = seconds
         if rows >= MIN_SAMPLE_ROWS and seconds > 0:
             self.samples.append(rows / seconds)
