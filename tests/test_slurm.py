@@ -98,7 +98,11 @@ def test_allocation_sizes(monkeypatch, tmp_path):
     monkeypatch.delenv("SLURM_NTASKS")
     monkeypatch.setenv("SLURM_NPROCS", "2")
     assert SlurmLauncher(srun=str(srun)).n_workers == 2
-    monkeypatch.delenv("SLURM_NPROCS")
+    monkeypatch.delenv("SLURM_NPROCS")  # salloc -N 2 without -n: one worker per CPU
+    assert SlurmLauncher(srun=str(srun)).n_workers == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    assert SlurmLauncher(srun=str(srun)).n_workers == 4
+    monkeypatch.delenv("SLURM_JOB_CPUS_PER_NODE")
     with pytest.raises(LaunchError, match="salloc -n 8"):
         SlurmLauncher(srun=str(srun))
 

@@ -100,21 +100,25 @@ class SlurmLauncher(ChildProcessLauncher):
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.srun = shutil.which(srun) or ""
         if not self.job_id:
-            raise LaunchError(f"--slurm needs a Slurm allocation and SLURM_JOB_ID is not set: {OUTSIDE_HINT}")
+            raise LaunchError(f"Slurm workers need a Slurm allocation, and SLURM_JOB_ID is not set: {OUTSIDE_HINT}")
         if not self.srun:
-            raise LaunchError(f"--slurm needs {srun} on the PATH inside allocation {self.job_id}: load Slurm's "
-                              f"module (or PATH) and {OUTSIDE_HINT}")
-        tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS") or ""
-        if not tasks.isdigit() or int(tasks) < 1:
-            raise LaunchError(f"allocation {self.job_id} does not say how many tasks it has (SLURM_NTASKS="
-                              f"{tasks!r}): ask for tasks, e.g. salloc -n 8 (or #SBATCH -n 8)")
-        self.tasks = int(tasks)
+            raise LaunchError(f"Slurm workers need {srun} on the PATH (inside allocation {self.job_id}): load "
+                              f"Slurm's module or fix PATH, and {OUTSIDE_HINT}")
         self.cpus_per_task = int(os.environ.get("SLURM_CPUS_PER_TASK") or 1)
         try:
-            cpus = _cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE", ""))
+            cpus: int | None = _cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE", ""))
         except ValueError:
-            cpus = self.tasks * self.cpus_per_task
-        self.slots = max(self.tasks, cpus // max(1, self.cpus_per_task))  # workers the allocation can hold at once
+            cpus = None
+        tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS") or ""
+        if tasks.isdigit() and int(tasks) >= 1:
+            self.tasks = int(tasks)
+        elif cpus:  # e.g. salloc -N 2 without -n: one worker per CPU (per task's CPUs)
+            self.tasks = max(1, cpus // self.cpus_per_task)
+        else:
+            raise LaunchError(f"allocation {self.job_id} says neither its tasks (SLURM_NTASKS) nor its CPUs "
+                              f"(SLURM_JOB_CPUS_PER_NODE): ask for tasks, e.g. salloc -n 8 (or #SBATCH -n 8)")
+        # workers the allocation can hold at once: add() starts more steps up to this
+        self.slots = max(self.tasks, (cpus or 0) // self.cpus_per_task)
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.slots):
             raise ConfigError(f"SlurmLauncher(n={n!r}): expected 1 to {self.slots} (the workers allocation "
                               f"{self.job_id} can hold)")
