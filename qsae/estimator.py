@@ -143,8 +143,8 @@ class SparseAutoencoder:
         result = self._minimize(X, cfg, theta0, method, maxiter, seed)
         self._set_weights(result.x, cfg)
         self.n_iter_ = int(result.nit)
-        self.sigma_: float | None = None
-        self.data_: dict | None = None
+        self.sigma_ = None  # fitted on X: no images, no σ
+        self.data_ = None
         return self
 
     def transform(self, X: Any) -> np.ndarray:
@@ -235,8 +235,9 @@ class SparseAutoencoder:
 
         self._check_fitted("extract_patches")
         if self.sigma_ is None:
-            raise ConfigError("this model has no σ for patch normalisation (it was fitted on X, not on images); "
-                              "use qsae.extract_patches(images, patch_size, sigma=...) with the σ of your data")
+            raise ConfigError("this model has no σ for patch normalisation (it was fitted on X rather than on images, "
+                              "or its model.npz lacks σ and its training images could not be read); use "
+                              "qsae.extract_patches(images, patch_size, sigma=...) with the σ of your data")
         side = (self.data_ or {}).get("patch_size") or int(round(np.sqrt(self.n_features_in_)))
         if isinstance(images, (str, os.PathLike)):
             images = load_images(images, whiten=(self.data_ or {}).get("whiten"))
@@ -256,11 +257,8 @@ class SparseAutoencoder:
                          sparsity_weight=self.sparsity_weight, sparsity_target=self.sparsity_target)
 
     def _fitted_config(self):
-        from .model import SAEConfig
-
-        h, n = self.components_.shape
-        return SAEConfig(n_visible=n, n_hidden=h, weight_decay=self.weight_decay,
-                         sparsity_weight=self.sparsity_weight, sparsity_target=self.sparsity_target)
+        """The SAEConfig the weights were learned with (not changed by a later set_params)."""
+        return self._fit_config
 
     def _run_settings(self, cfg) -> tuple[str, int, int]:
         """(optimizer, max_iter, seed), checked with the protocol, before any work."""
@@ -318,6 +316,7 @@ class SparseAutoencoder:
         from .model import unpack
 
         W1, W2, b1, b2 = (np.array(a) for a in unpack(theta, cfg))  # copies: θ may be reused
+        self._fit_config = cfg
         self.n_features_in_ = cfg.n_visible
         self.components_, self.intercept_ = W1, b1
         self.decoder_weights_, self.decoder_intercept_ = W2, b2

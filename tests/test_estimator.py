@@ -226,6 +226,9 @@ def test_save_load_round_trip(fitted, patches, tmp_path):
     assert np.array_equal(back.inverse_transform(back.transform(patches[:9])), fitted.inverse_transform(fitted.transform(patches[:9])))
     theta, cfg, meta = load_model(path)  # the training run's reader reads it too
     assert cfg == SAEConfig(n_hidden=12) and theta.shape == (cfg.n_params,) and meta["finished"] is True
+    changed = SparseAutoencoder(n_hidden=12, max_iter=2, random_state=0).fit(patches).set_params(sparsity_target=0.2)
+    changed.save(tmp_path / "c.npz")
+    assert load_model(tmp_path / "c.npz")[1] == SAEConfig(n_hidden=12)  # the settings it was fitted with
 
 
 def test_hosts_file_path_goes_to_the_ssh_launcher(tmp_path):
