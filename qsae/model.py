@@ -30,7 +30,10 @@ Everything here is pure numpy on arrays; nothing knows about sockets.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +55,9 @@ __all__ = [
     "sparsity_delta",
     "finish_sums",
     "minibatch_cost_and_grad",
+    "KERNELS",
+    "set_kernel",
+    "kernel",
 ]
 
 SMALL_GEMM = 1_000_000  # OpenBLAS multiplies M·N·K ≤ 10⁶ without packing: products slow down 1.3–1.7× past it
@@ -185,6 +191,50 @@ class Sums:
 
 
 DTYPES = (np.float32, np.float64)  # the compute dtypes; anything else is converted to float64
+KERNELS = ("numpy", "numba")  # the elementwise paths: numpy calls, or compiled one-pass kernels (qsae[fast])
+_kernels: ModuleType | None = None  # qsae._kernels when the numba path is selected
+_kernel: str | None = None  # the selected path; None until first use
+
+
+def set_kernel(name: str | None = None) -> str:
+    """Select the elementwise path of forward/backward and return its name.
+
+    Parameters
+    ----------
+    name : "numba" (compiled one-pass kernels: ``pip install 'qsae[fast]'``), "numpy", or
+        None for the environment variable ``QSAE_KERNEL``, else "numba" if it is installed,
+        else "numpy". Both paths give the same results to rounding.
+    """
+    global _kernel, _kernels
+    chosen = name if name is not None else os.environ.get("QSAE_KERNEL", "").strip().lower() or None
+    if chosen is not None and chosen not in KERNELS:
+        raise ConfigError(f"unknown kernel {chosen!r} (QSAE_KERNEL or set_kernel); choose one of: {', '.join(KERNELS)}")
+    if chosen in (None, "numba"):
+        try:
+            compiled = importlib.import_module("._kernels", __package__)
+        except ImportError as e:
+            if chosen == "numba":
+                raise ConfigError(f"the numba kernels need numba ({e}): pip install 'qsae[fast]', "
+                                  "or choose QSAE_KERNEL=numpy") from None
+            compiled = None
+        chosen = "numba" if compiled is not None else "numpy"
+        _kernels = compiled
+    else:
+        _kernels = None
+    _kernel = chosen
+    return chosen
+
+
+def kernel() -> str:
+    """The elementwise path in use: "numba" or "numpy" (chosen by ``set_kernel`` on first use)."""
+    return _kernel if _kernel is not None else set_kernel()
+
+
+def _compiled() -> ModuleType | None:
+    """qsae._kernels if the numba path is selected, else None."""
+    if _kernel is None:
+        set_kernel()
+    return _kernels
 
 
 def _check_X(X: np.ndarray, config: SAEConfig) -> np.ndarray:
@@ -250,14 +300,18 @@ def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
     rows = chunk_rows(config)
     span = rows * FORWARD_CHUNKS
     B1 = np.tile(b1x, (min(span, m), 1))  # b1 on every row: a same-shape subtraction is 2× faster than broadcasting
+    nb, one = _compiled(), dt.type(1)
     for lo in range(0, m, span):
         u = A[lo : lo + span]
         for b in range(lo, min(lo + span, m), rows):
             np.matmul(X[b : b + rows], nW1T, out=A[b : b + rows])
         u -= B1[: u.shape[0]]
         np.exp(u, out=u)
-        u += 1.0
-        np.divide(1.0, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
+        if nb is not None:
+            nb.sigmoid_of_exp(u, one)
+        else:
+            u += one
+            np.divide(one, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
     return A
 
 
@@ -273,6 +327,34 @@ def activation_sums(A: np.ndarray, config: SAEConfig) -> np.ndarray:
         a = A[lo : lo + rows]
         np.matmul(ones[: a.shape[0]], a, out=sums[i])
     return sums.sum(axis=0, dtype=np.float64)[:h]
+
+
+def _output_delta(o: np.ndarray, x: np.ndarray, d: np.ndarray, one: np.floating) -> float:
+    """The numpy path of ``_kernels.output_delta``: o = e^−z3 in (overwritten); δ3 into d;
+    returns Σ (a3 − x)²."""
+    o += one
+    np.divide(one, o, out=o)  # a3 = 1/(1 + e^−z3)
+    np.subtract(o, x, out=d)  # a3 − x
+    sq = np.vdot(d, d)
+    d *= o
+    np.subtract(one, o, out=o)
+    d *= o  # δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3)
+    return sq
+
+
+def _hidden_delta(d2: np.ndarray, a: np.ndarray, S: np.ndarray | None, f: np.ndarray, col: np.ndarray,
+                  one_round: bool, ones: np.ndarray) -> None:
+    """The numpy path of ``_kernels.hidden_delta``: δ2 = (d2 + S) ⊙ f' in place, f = f';
+    col[0] = Σ δ2, col[1] = Σ a (and col[2] = Σ f' with ``one_round``)."""
+    np.subtract(1.0, a, out=f)
+    f *= a  # f' = a2 ⊙ (1 − a2)
+    if S is not None:
+        d2 += S
+    d2 *= f  # δ2
+    np.matmul(ones, d2, out=col[0])
+    np.matmul(ones, a, out=col[1])
+    if one_round:
+        np.matmul(ones, f, out=col[2])
 
 
 def backward(
@@ -325,34 +407,28 @@ def backward(
     P1, P2 = np.empty((h, n), dtype=dt), np.empty((n, h + 1), dtype=dt)  # one chunk's products
     full = (np.empty((k0, n), dtype=dt), np.empty((k0, n), dtype=dt), np.empty((k0, h + 1), dtype=dt),
             np.empty((k0, h + 1), dtype=dt), np.ones(k0, dtype=dt), S)
+    nb, one = _compiled(), dt.type(1)
     for i, lo in enumerate(range(0, m, rows)):
         x, a = X[lo : lo + rows], A[lo : lo + rows]
         o, d, f, d2, ones, Sk = full if x.shape[0] == k0 else (v[: x.shape[0]] for v in full)
         np.matmul(a, nW2bT, out=o)  # −z3
         np.exp(o, out=o)
-        o += 1.0
-        np.divide(1.0, o, out=o)  # a3 = 1/(1 + e^−z3)
-        np.subtract(o, x, out=d)  # a3 − x
-        sq[i] = np.vdot(d, d)
-        d *= o
-        np.subtract(1.0, o, out=o)
-        d *= o  # δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3)
+        if nb is not None:
+            sq[i] = nb.output_delta(o, x, d, one)
+        else:
+            sq[i] = _output_delta(o, x, d, one)
         np.matmul(d.T, a, out=P2)
         gW2b += P2  # [Σ δ3 a2ᵀ | Σ δ3]
-        np.subtract(1.0, a, out=f)
-        f *= a  # f' = a2 ⊙ (1 − a2)
         np.matmul(d, W2x, out=d2)
-        if s is not None:
-            d2 += Sk
-        d2 *= f  # δ2
+        if nb is not None:
+            nb.hidden_delta(d2, a, S[0], f, col[i], one_round)
+        else:
+            _hidden_delta(d2, a, Sk if s is not None else None, f, col[i], one_round, ones)
         np.matmul(d2[:, :h].T, x, out=P1)  # h rows, not h + 1: an odd width is 1.3× slower here
         gW1 += P1
-        np.matmul(ones, d2, out=col[i, 0])
-        np.matmul(ones, a, out=col[i, 1])
         if one_round:
             np.matmul(f[:, :h].T, x, out=P1)
             fx += P1
-            np.matmul(ones, f, out=col[i, 2])
     cs = col.sum(axis=0, dtype=np.float64)
     parts = [gW1.ravel(), gW2b[:, :h].ravel(), cs[0, :h], gW2b[:, h], [sq.sum(dtype=np.float64)],
              cs[1, :h]]

@@ -9,6 +9,7 @@ from qsae.errors import ConfigError, DataError
 from qsae.reference import textbook_cost_and_grad as textbook
 from qsae.model import (
     FORWARD_CHUNKS,
+    KERNELS,
     SAEConfig,
     Sums,
     activation_sums,
@@ -18,13 +19,26 @@ from qsae.model import (
     finish_sums,
     forward,
     init_params,
+    kernel,
     minibatch_cost_and_grad,
+    set_kernel,
     shard_sums,
     sparsity_delta,
     unpack,
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True, params=KERNELS)
+def kernel_path(request):
+    """Every test runs on both elementwise paths (the numba one where numba is installed)."""
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="the numba path needs pip install 'qsae[fast]'")
+    before = kernel()
+    set_kernel(request.param)
+    yield request.param
+    set_kernel(before)
 
 
 def problem(cfg, m, seed=0):
@@ -252,3 +266,57 @@ def test_activations_of_another_shard_are_refused():
     A = forward(theta, X[:9], cfg)
     with pytest.raises(DataError, match=r"activations have shape \(9, 31\).*forward\(theta, X, config\)"):
         backward(theta, X, A, None, cfg)
+
+
+# The kernel switch.
+
+
+def test_kernel_paths_agree(kernel_path):
+    """The path under test against the numpy path, both dtypes, one and two rounds."""
+    if kernel_path == "numpy":
+        pytest.skip("the numpy path is the reference here")
+    cfg = SAEConfig.report()
+    theta, X32, X64 = float32_problem(cfg, 2 * ROWS + 5)
+    for X, tol in ((X64, 1e-13), (X32, 1e-6)):
+        A = forward(theta, X, cfg)
+        s = sparsity_delta(activation_sums(A, cfg) / A.shape[0], cfg)
+        got = [A, backward(theta, X, A, s, cfg).vec, shard_sums(theta, X, cfg).vec]
+        set_kernel("numpy")
+        ref = [forward(theta, X, cfg), backward(theta, X, A, s, cfg).vec, shard_sums(theta, X, cfg).vec]
+        set_kernel(kernel_path)
+        for g, r in zip(got, ref):
+            assert np.linalg.norm(g - r) <= tol * np.linalg.norm(r)
+
+
+def test_kernel_from_the_environment(monkeypatch):
+    monkeypatch.setenv("QSAE_KERNEL", "numpy")
+    assert set_kernel() == "numpy" and kernel() == "numpy"
+    monkeypatch.setenv("QSAE_KERNEL", "fortran")
+    with pytest.raises(ConfigError, match="unknown kernel 'fortran'.*numpy, numba"):
+        set_kernel()
+    with pytest.raises(ConfigError, match="unknown kernel 'c'"):
+        set_kernel("c")
+
+
+def test_numba_kernel_without_numba_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "qsae._kernels", None)  # as if numba were not installed
+    monkeypatch.delenv("QSAE_KERNEL", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'qsae\[fast\]'.*QSAE_KERNEL=numpy"):
+        set_kernel("numba")
+    assert set_kernel() == "numpy"  # the default falls back quietly
+    cfg = SAEConfig()
+    theta, X = problem(cfg, 30)
+    c, g = cost_and_grad(theta, X, cfg)
+    assert c == pytest.approx(textbook(theta, X, cfg)[0], rel=1e-12)
+
+
+def test_nan_propagates_through_both_paths():
+    """fastmath keeps NaN: a diverged θ must reach the optimizer's NaN check."""
+    cfg = SAEConfig()
+    theta, X = problem(cfg, 30)
+    theta[5] = np.nan
+    for dtype in (np.float64, np.float32):
+        c, g = cost_and_grad(theta, X.astype(dtype), cfg)
+        assert np.isnan(c) and np.isnan(g).any()
