@@ -2,11 +2,12 @@
 
 Run: python benchmarks/bench_model.py [--sizes 1000,10000,100000,1000000] [--repeat 5]
 
-Prints one table: for each m, the CPU milliseconds of one ``cost_and_grad`` on float64 and
-on float32 patches (one BLAS thread), the compute limit of each dtype (the 5 products of
-2·m·n·h flops at the rate this machine reaches on a large square matmul of that dtype), a
-plain textbook numpy implementation (float64), the five products alone in the same row
-chunks (what BLAS reaches on these tall, thin shapes), and the ratios.
+Prints one table: for each m and each elementwise path (numpy; numba where installed, the
+qsae[fast] extra), the CPU milliseconds of one ``cost_and_grad`` on float64 and on float32
+patches (one BLAS thread), the compute limit of each dtype (the 5 products of 2·m·n·h flops
+at the rate this machine reaches on a large square matmul of that dtype), a plain textbook
+numpy implementation (float64), the five products alone in the same row chunks (what BLAS
+reaches on these tall, thin shapes), and the ratios.
 
 Every figure of a row is timed in the same rounds: each round times every candidate once,
 in turn, and the fastest round of each is kept, so a noisy neighbour slows all of them
@@ -28,7 +29,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from qsae.model import SAEConfig, chunk_rows, cost_and_grad, init_params  # noqa: E402
+from qsae.model import SAEConfig, chunk_rows, cost_and_grad, init_params, set_kernel  # noqa: E402
 from qsae.reference import textbook_cost_and_grad  # noqa: E402
 
 
@@ -81,30 +82,55 @@ def blas_name() -> str:
         return "unknown (pip install threadpoolctl)"
 
 
-HEAD = ("|       m | f64 ms | f32 ms | f64 limit ms | f32 limit ms | f64 products ms | textbook ms |"
+HEAD = ("|       m | path  | f64 ms | f32 ms | f64 limit ms | f32 limit ms | f64 products ms | textbook ms |"
         " f64/limit | f32/limit | f64 products/limit | f64/textbook | f32/textbook | f32/f64 |")
-RULE = "|--------:|" + "-------:|" * 2 + "-------------:|" * 2 + "----------------:|------------:|" + "----------:|" * 2 \
+RULE = "|--------:|:------|" + "-------:|" * 2 + "-------------:|" * 2 + "----------------:|------------:|" + "----------:|" * 2 \
     + "-------------------:|-------------:|-------------:|--------:|"
 
 
-def row(m: int, cfg: SAEConfig, theta: np.ndarray, X: np.ndarray, repeat: int) -> str:
-    """One line of the table for m rows of X (float64)."""
+def kernels() -> list[str]:
+    """The elementwise paths this machine can run: numpy, and numba if installed."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return ["numpy"]
+    return ["numpy", "numba"]
+
+
+def on(path: str, f: Callable[[], object]) -> Callable[[], object]:
+    """``f`` run on the elementwise ``path``."""
+    def g() -> object:
+        set_kernel(path)
+        return f()
+    return g
+
+
+def rows(m: int, cfg: SAEConfig, theta: np.ndarray, X: np.ndarray, repeat: int) -> list[str]:
+    """The table's lines for m rows of X (float64): one per elementwise path, all timed in the same rounds."""
     n, h = cfg.n_visible, cfg.n_hidden
     X32 = X.astype(np.float32)
     rounds = max(1, min(repeat, int(2e6 // m) + 1)) if m > 100_000 else repeat
-    t = interleaved_best({
-        "f64": lambda: cost_and_grad(theta, X, cfg),
-        "f32": lambda: cost_and_grad(theta, X32, cfg),
+    fs: dict[str, Callable[[], object]] = {}
+    for path in kernels():
+        fs[f"{path} f64"] = on(path, lambda: cost_and_grad(theta, X, cfg))
+        fs[f"{path} f32"] = on(path, lambda: cost_and_grad(theta, X32, cfg))
+    fs.update({
         "text": lambda: textbook_cost_and_grad(theta, X, cfg),
         "prod": lambda: products_only(theta, X, cfg),
         "mm64": square_matmul(np.float64),
         "mm32": square_matmul(np.float32),
-    }, rounds)
+    })
+    t = interleaved_best(fs, rounds)
+    set_kernel()
     lim64, lim32 = (5 * 2 * m * n * h / (2e9 / t[k]) for k in ("mm64", "mm32"))
-    return (f"| {m:7d} | {t['f64'] * 1e3:6.2f} | {t['f32'] * 1e3:6.2f} | {lim64 * 1e3:12.2f} | {lim32 * 1e3:12.2f} |"
-            f" {t['prod'] * 1e3:15.2f} | {t['text'] * 1e3:11.2f} | {t['f64'] / lim64:9.2f} | {t['f32'] / lim32:9.2f} |"
-            f" {t['prod'] / lim64:18.2f} | {t['f64'] / t['text']:12.2f} | {t['f32'] / t['text']:12.2f} |"
-            f" {t['f32'] / t['f64']:7.2f} |")
+    lines = []
+    for path in kernels():
+        f64, f32 = t[f"{path} f64"], t[f"{path} f32"]
+        lines.append(
+            f"| {m:7d} | {path:5s} | {f64 * 1e3:6.2f} | {f32 * 1e3:6.2f} | {lim64 * 1e3:12.2f} | {lim32 * 1e3:12.2f} |"
+            f" {t['prod'] * 1e3:15.2f} | {t['text'] * 1e3:11.2f} | {f64 / lim64:9.2f} | {f32 / lim32:9.2f} |"
+            f" {t['prod'] / lim64:18.2f} | {f64 / t['text']:12.2f} | {f32 / t['text']:12.2f} | {f32 / f64:7.2f} |")
+    return lines
 
 
 def main() -> None:
@@ -120,7 +146,7 @@ def main() -> None:
     print(HEAD)
     print(RULE)
     for m in (int(s) for s in args.sizes.split(",")):
-        print(row(m, cfg, theta, rng.uniform(0.1, 0.9, size=(m, cfg.n_visible)), args.repeat), flush=True)
+        print("\n".join(rows(m, cfg, theta, rng.uniform(0.1, 0.9, size=(m, cfg.n_visible)), args.repeat)), flush=True)
 
 
 if __name__ == "__main__":
