@@ -296,11 +296,12 @@ def test_patches_of_new_images_are_normalised_like_the_training_set(cli_run, tmp
 # ---------------------------------------------------------------------------- workers
 
 
-def test_two_local_workers_learn_what_one_process_learns(patches):
-    one = SparseAutoencoder(n_hidden=12, max_iter=6, random_state=0).fit(patches)
-    two = SparseAutoencoder(n_hidden=12, max_iter=6, random_state=0, workers=2).fit(patches)
-    np.testing.assert_allclose(two.components_, one.components_, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(two.transform(patches), one.transform(patches), rtol=0, atol=1e-6)
+@pytest.mark.parametrize("dtype, atol", [("float64", 1e-6), ("float32", 1e-5)])
+def test_two_local_workers_learn_what_one_process_learns(patches, dtype, atol):
+    one = SparseAutoencoder(n_hidden=12, max_iter=6, random_state=0, dtype=dtype).fit(patches)
+    two = SparseAutoencoder(n_hidden=12, max_iter=6, random_state=0, dtype=dtype, workers=2).fit(patches)
+    np.testing.assert_allclose(two.components_, one.components_, rtol=0, atol=atol)
+    np.testing.assert_allclose(two.transform(patches), one.transform(patches), rtol=0, atol=atol)
     assert two.n_iter_ == one.n_iter_ == 6
 
 
