@@ -270,12 +270,28 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
     sigma = patch_sigma(images, spec_data.patch_size, spec_data.seed)
     sample_patches(images, spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed, lo=0, hi=1, sigma=sigma)
     _master_keywords(args)  # a flag this master cannot honour fails here, not after the log is opened
-    n = _n_workers(args)
+    launcher = _launcher(args)  # a bad hosts file, or --slurm outside an allocation, fails here too
+    n = launcher.n_workers if launcher is not None else _n_workers(args)
     if n is not None and spec_data.m < n:
         raise ConfigError(f"--patches {spec_data.m} is fewer than the {n} workers: give --patches >= {n}, fewer "
                           f"workers, or --local")
     return {"cfg": cfg, "data": spec_data, "done": done, "seconds": seconds, "theta0": theta0, "images": images,
-            "sigma": sigma}
+            "sigma": sigma, "launcher": launcher}
+
+
+def _launcher(args: argparse.Namespace):
+    """The SSH or Slurm launcher the flags ask for (None for local or hand-started workers)."""
+    if args.hosts is not None:
+        from .launch import SSHLauncher, parse_hosts
+
+        return SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
+                           min_workers=args.min_workers, ssh_config=args.ssh_config,
+                           connect_timeout=args.connect_timeout)
+    if args.slurm:
+        from .launch import SlurmLauncher
+
+        return SlurmLauncher()
+    return None
 
 
 def _n_workers(args: argparse.Namespace) -> int | None:
@@ -325,7 +341,7 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
         print(f"qsae {__version__}: {cfg}, {X.shape[0]} patches, in this process")
         result = train(lambda th: cost_and_grad(th, X, cfg), plan["theta0"], spec, echo=echo)
         return _exit_status(result)
-    with _master(args, cfg) as master:
+    with _master(args, cfg, plan["launcher"]) as master:
         master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
         print(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
         result = train(master, plan["theta0"], spec, echo=echo)
@@ -363,15 +379,10 @@ def _master_keywords(args: argparse.Namespace) -> dict:
         out["on_event"] = _EventLog(args.out / "workers.jsonl", quiet=args.quiet)
     if args.min_workers is not None and args.hosts is not None and "min_workers" in accepts:
         out["min_workers"] = args.min_workers
-    if args.slurm:
-        try:
-            from .launch import SlurmLauncher  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(f"--slurm: this version has no Slurm launcher ({e}); use --hosts or --wait-for") from e
     return out
 
 
-def _master(args: argparse.Namespace, cfg):
+def _master(args: argparse.Namespace, cfg, launcher=None):
     from .master import Master
 
     options = dict(config=cfg, protocol=args.protocol, port=args.port, keys=args.keys,
@@ -380,17 +391,8 @@ def _master(args: argparse.Namespace, cfg):
         options["curve"] = False
     if args.bind:
         options["bind"] = args.bind
-    if args.hosts is not None:
-        from .launch import SSHLauncher, parse_hosts
-
-        launcher = SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
-                               min_workers=args.min_workers, ssh_config=args.ssh_config,
-                               connect_timeout=args.connect_timeout)
+    if launcher is not None:
         return Master(launcher=launcher, **options)
-    if args.slurm:
-        from .launch import SlurmLauncher
-
-        return Master(launcher=SlurmLauncher(), **options)
     if args.wait_for is not None:
         return Master(workers=0, wait_for=args.wait_for, **options)
     return Master(workers=args.workers or os.cpu_count() or 1, **options)
@@ -421,6 +423,8 @@ def _open_log(args: argparse.Namespace) -> None:
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(args.out / "run.log", mode="a" if args.resume is not None else "w")
+        if args.resume is None and (args.out / "workers.jsonl").exists():  # --force: the new run's events only
+            (args.out / "workers.jsonl").unlink()
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror}); give a directory you can write") from e
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))

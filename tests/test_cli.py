@@ -333,3 +333,16 @@ def test_float32_run_on_workers(tmp_path, capsys):
     X = DataSpec.from_dict(meta["data"]).build()
     last = read_history(run / "history.jsonl")[-1]["cost"]
     assert cost_and_grad(theta, X, cfg)[0] == pytest.approx(last, rel=1e-4)  # float32 sums
+
+
+@pytest.mark.parametrize("mode, words", [
+    (["--slurm"], "salloc"),  # outside an allocation
+    (["--hosts", "bad-hosts.txt"], "bad-hosts.txt"),  # a malformed line
+])
+def test_launcher_errors_come_before_anything_is_written(tmp_path, monkeypatch, capsys, mode, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "bad-hosts.txt").write_text("host workers=many\n")
+    code, _, err = run_cli(capsys, *mode, "--patches", "1000", "--out", "run")
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
