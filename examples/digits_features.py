@@ -24,10 +24,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 def build_parser() -> argparse.ArgumentParser:
     """Options: the autoencoder's settings and the cross-validation (defaults: the README's run)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, nargs="+", default=[200], help="hidden units h (one row per value)")
-    p.add_argument("--weight-decay", type=float, default=3e-3, help="λ")
+    p.add_argument("--hidden", type=int, nargs="+", default=[30, 200], help="hidden units h (one row per value)")
+    p.add_argument("--weight-decay", type=float, default=3e-5, help="λ")
     p.add_argument("--beta", type=float, default=3.0, help="sparsity weight β")
-    p.add_argument("--rho", type=float, default=0.1, help="sparsity target ρ")
+    p.add_argument("--rho", type=float, default=0.02, help="sparsity target ρ")
     p.add_argument("--iters", type=int, default=400, help="L-BFGS iterations")
     p.add_argument("--C", type=float, default=1.0, help="LogisticRegression's inverse regularisation, for both rows")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
