@@ -51,7 +51,8 @@ from .errors import (
     WorkerError,
     WorkerLost,
 )
-from .membership import ACTIVE, JOINING, LEAVING, LOST, SPEED_SAMPLES, Membership, WorkerInfo
+from .auth import CurveGate
+from .membership import JOINING, LEAVING, LOST, SPEED_SAMPLES, Membership, WorkerInfo
 from .model import SAEConfig, Sums
 from .placement import MAX_BLOCKS, WorkerView, block_bounds, block_rows_for, plan
 from .protocol import (
@@ -87,74 +88,6 @@ class _Lost(Exception):
     def __init__(self, idents: list[bytes], round: int, want: str, why: str = "") -> None:
         super().__init__(f"{len(idents)} workers lost in round {round}")
         self.idents, self.round, self.want, self.why = idents, round, want, why
-
-
-class _AllowList:
-    """ZAP credentials provider: admits exactly the client keys this run handed out.
-
-    A refused key is logged, at most once every ``LOG_EVERY`` seconds with a count of the
-    refusals since the last line (a worker with the wrong keys retries every 100 ms)."""
-
-    LOG_EVERY = 10.0  # seconds between lines about refused keys
-
-    def __init__(self) -> None:
-        self.keys: set[bytes] = set()
-        self.refused = 0  # refusals since the last log line
-        self._last_log = float("-inf")
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.keys:
-            return True
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._last_log >= self.LOG_EVERY:
-            log.warning("refused a worker's CURVE key %s (%d since the last such line): it is not a key of this "
-                        "run; a hand-started worker needs --keys DIR/worker from this master's --keys DIR",
-                        key.decode("ascii", "replace")[:12] + "...", self.refused)
-            self.refused, self._last_log = 0, now
-        return False
-
-    def watch(self, sock: zmq.Socket) -> None:
-        """Log handshakes that fail before ZAP is asked (no keys, another master's server key),
-        rate-limited like refused keys: a thread reads ``sock``'s monitor until ``unwatch``.
-        Call after bind, from the thread that owns ``sock``."""
-        events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        self._monitor, self._stop = sock.get_monitor_socket(events), threading.Event()
-        self._sock = sock
-        self._thread = threading.Thread(target=self._read_monitor, name="qsae-master-handshakes", daemon=True)
-        self._thread.start()
-
-    def _read_monitor(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        failed, last = 0, float("-inf")
-        while not self._stop.is_set():
-            try:
-                if not self._monitor.poll(200):
-                    continue
-                recv_monitor_message(self._monitor)
-            except zmq.ZMQError:
-                return  # closed under us: the master is closing
-            failed += 1
-            now = time.monotonic()
-            if now - last >= self.LOG_EVERY:
-                log.warning("a worker's CURVE handshake failed (%d since the last such line): it has no keys, or "
-                            "another master's; hand-started workers need --keys DIR/worker from this master's "
-                            "--keys DIR", failed)
-                failed, last = 0, now
-
-    def unwatch(self) -> None:
-        """Stop the thread ``watch`` started and close the monitor (before the socket closes)."""
-        if getattr(self, "_thread", None) is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout=2)
-        try:
-            self._sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(linger=0)
-        self._thread = None
 
 
 class Master:
@@ -245,8 +178,7 @@ class Master:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
-        self._auth = None
-        self._allow: _AllowList | None = None
+        self._gate: CurveGate | None = None
         self._closed = False
         self._last_reject_log = 0.0
 
@@ -286,22 +218,9 @@ class Master:
         sock.router_mandatory = 1  # sending to a vanished worker raises instead of dropping silently
         sock.maxmsgsize = _max_inbound(self.config, MAX_BLOCKS)  # a larger frame drops its connection unread
         if self.curve:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._allow = _AllowList()
-            if self.keys is not None:  # hand-started workers: keys from `qsae-master --make-keys DIR`
-                from .keys import load_server_keys
-
-                server_public, server_secret, self._allow.keys = load_server_keys(self.keys)
-            else:
-                server_public, server_secret = zmq.curve_keypair()
-            self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("qsae.auth"))
-            self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=self._allow)
-            self.server_public = server_public  # z85; workers need it to connect
-            sock.curve_server = True  # before bind
-            sock.curve_secretkey = server_secret
-            sock.curve_publickey = server_public
+            self._gate = CurveGate(self._ctx, self.keys)
+            self._gate.secure(sock)  # before bind
+            self.server_public = self._gate.public  # z85; workers need it to connect
         host = self.bind or (self.launcher.bind_address() if self.launcher is not None else "127.0.0.1")
         if self.port:
             sock.bind(f"tcp://{host}:{self.port}")
@@ -309,6 +228,8 @@ class Master:
         else:
             port = sock.bind_to_random_port(f"tcp://{host}")
         self._sock = sock
+        if self._gate is not None:
+            self._gate.watch(sock)
         self._poller = zmq.Poller()  # one for the run: building one per poll costs µs a round
         self._poller.register(sock, zmq.POLLIN)
         self.address = f"tcp://{host}:{port}"
@@ -325,13 +246,7 @@ class Master:
 
     def _worker_config(self, n: int) -> Callable[[int], dict]:
         """The launch configuration of n new workers: a CURVE key pair each, admitted from now on."""
-        keys = {}
-        if self.curve:
-            for _ in range(n):
-                public, secret = zmq.curve_keypair()  # one pair per launched worker, handed over its channel
-                self._allow.keys.add(public)
-                keys[len(keys)] = {"server_public": self.server_public.decode(), "public": public.decode(),
-                                   "secret": secret.decode()}
+        keys = {i: self._gate.new_client() for i in range(n)} if self._gate is not None else {}
         order: list[int] = []
 
         def config(k: int) -> dict:  # k is the launcher's global index; keys are handed out in call order
@@ -383,8 +298,8 @@ class Master:
                     pass
         if self.launcher is not None:
             self.launcher.stop()
-        if self._auth is not None:
-            self._auth.stop()
+        if self._gate is not None:
+            self._gate.close()
         if self._sock is not None:
             self._sock.close(linger=0)
         if self._ctx is not None:

@@ -128,12 +128,13 @@ def _evaluate_until(master: Master, theta, done, most: int = 40) -> bool:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin two workers apart")
 def test_blocks_move_towards_a_worker_made_faster(images):
     """Worker 0 shares its core with two busy processes, then they end: blocks go to the other
-    worker first, and come back once worker 0 is fast again."""
+    worker first, and come back once worker 0 is fast again. (Rounds must be long: a worker that
+    sleeps between short rounds is scheduled ahead of a busy process and hardly slows down.)"""
     cpus = sorted(os.sched_getaffinity(0))[:2]
     theta = init_params(CFG)
-    m = 4 * M
+    m = 8 * M
     busy = []
-    with Master(workers=2, config=CFG, block_rows=BLOCK) as master:
+    with Master(workers=2, config=CFG, block_rows=2 * BLOCK) as master:
         w0, w1 = list(master._workers.values())
         os.sched_setaffinity(w0.pid, {cpus[0]})
         os.sched_setaffinity(w1.pid, {cpus[1]})

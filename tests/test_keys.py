@@ -132,7 +132,7 @@ def test_the_master_logs_failed_handshakes_rate_limited(caplog):
 
     import zmq
 
-    from qsae.master import _AllowList
+    from qsae.auth import AllowList
 
     ctx = zmq.Context()
     server = ctx.socket(zmq.ROUTER)
@@ -140,7 +140,7 @@ def test_the_master_logs_failed_handshakes_rate_limited(caplog):
     public, secret = zmq.curve_keypair()
     server.curve_server, server.curve_secretkey, server.curve_publickey = True, secret, public  # before bind
     port = server.bind_to_random_port("tcp://127.0.0.1")
-    allow = _AllowList()
+    allow = AllowList()
     allow.watch(server)
     clients = []
     try:

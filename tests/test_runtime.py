@@ -319,7 +319,7 @@ def test_missing_workers_time_out_with_the_count():
     from qsae.errors import RoundTimeout
 
     t0 = time.monotonic()
-    with pytest.raises(RoundTimeout, match=r"0 of 2 workers said HELLO within 1 s on tcp://127\.0\.0\.1:\d+"):
+    with pytest.raises(RoundTimeout, match=r"0 of 2 workers said HELLO within 1.0 s on tcp://127\.0\.0\.1:\d+"):
         with Master(workers=0, wait_for=2, config=CFG, curve=False, start_timeout=1.0):
             pass
     assert time.monotonic() - t0 < 5

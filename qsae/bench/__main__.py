@@ -20,7 +20,7 @@ FULL = dict(sizes=[1000, 10_000, 100_000, 1_000_000], workers=[1, 2, 4], evals=1
             cluster=dict(m=100_000, evals=10, iters=60))
 QUICK = dict(sizes=[1000, 10_000], workers=[1, 2], evals=4, repeat=2, alt_sizes=[10_000],
              round_workers=[1, 2, 4], round_repeat=30, opt=dict(m=2000, seconds=1.5, seeds=3),
-             approx=([1000, 10_000], [2, 4]), cluster=dict(m=20_000, evals=3, iters=12))
+             approx=([1000, 10_000], [2, 4]), cluster=dict(m=60_000, evals=3, iters=12))
 
 
 def main(argv: list[str] | None = None) -> int:
