@@ -78,3 +78,21 @@ def test_cli_trains_over_ssh(sshd, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "2000 patches on 2 workers" in p.stdout
     assert len((out / "history.jsonl").read_text().splitlines()) == 11
+
+
+def test_cli_min_workers_goes_on_without_a_dead_host(sshd, tmp_path):
+    """A good host with 2 workers and a dead one; --min-workers 2 starts the run on the two."""
+    path = hosts_file(tmp_path, f"node1 workers=2 python={sys.executable}\n127.0.0.1:1 python={sys.executable}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(ROOT / "bin" / "qsae-master"), "--hosts", str(path), "--ssh-config",
+                        str(sshd.ssh_config), "--connect-timeout", "3", "--min-workers", "2", "--patches", "2000",
+                        "--iters", "5", "--out", str(out), "-q"], env=env, capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0, p.stderr
+    assert "2000 patches on 2 workers" in p.stdout and "127.0.0.1:1" in p.stderr  # the dropped host is named
+    assert len((out / "history.jsonl").read_text().splitlines()) == 6
+    # without --min-workers the same hosts are one clear error, at once
+    p = subprocess.run([sys.executable, str(ROOT / "bin" / "qsae-master"), "--hosts", str(path), "--ssh-config",
+                        str(sshd.ssh_config), "--connect-timeout", "3", "--patches", "2000", "--iters", "5",
+                        "--out", str(tmp_path / "run2")], env=env, capture_output=True, text=True, timeout=100)
+    assert p.returncode == 2 and "127.0.0.1:1" in p.stderr and "Traceback" not in p.stderr
