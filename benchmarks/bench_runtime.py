@@ -105,7 +105,7 @@ while d.poll(30000):
     else:
         msg = decode(frames)
         out = OPS["sums"](st, msg.arrays[0]) if mode == "compute" else vec
-        send(d, encode(RESULT, msg.round, [out], rows=10))
+        send(d, encode(RESULT, msg.round, [out[None, :]], ids=[0], rows=10, seconds=0.0))
 """
 
 
@@ -126,7 +126,7 @@ def ladder_step(mode: str, theta: np.ndarray, reducer, repeat: int) -> float:
         def scatter(op: str, arg: np.ndarray) -> list:
             rnd[0] += 1
             raw = mode in ("echo", "reply")
-            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op)
+            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op, ids=[0])
             for ident in idents:
                 send(router, frames, prefix=(ident,))
             out = []
@@ -136,7 +136,7 @@ def ladder_step(mode: str, theta: np.ndarray, reducer, repeat: int) -> float:
                     out.append((10, np.frombuffer(got[-1], dtype=np.float64)))
                 else:
                     msg = decode(got[1:])
-                    out.append((msg["rows"], msg.arrays[0]))
+                    out.append((msg["rows"], msg.arrays[0][0]))
             return out
 
         once = (lambda: reducer.evaluate(theta, scatter)) if reducer is not None else (lambda: scatter("sums", theta))
@@ -161,7 +161,7 @@ def round_trip(cfg: SAEConfig, theta: np.ndarray, repeat: int) -> None:
     X = np.random.default_rng(1).uniform(0.1, 0.9, size=(20, cfg.n_visible))
     qsae = {}
     for curve in (True, False):
-        with Master(workers=2, config=cfg, curve=curve, reducer_options={"rounds": 1}) as master:
+        with Master(workers=2, config=cfg, curve=curve, reducer_options={"rounds": 1}, block_rows=10) as master:
             master.scatter(X)
             for _ in range(50):
                 master(theta)

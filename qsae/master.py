@@ -116,8 +116,9 @@ class Master:
         (θ, gradients and every block's sums stay float64).
     balance : "measured" (blocks follow each worker's measured rows per second) or "static"
         (by the cores each worker declares).
-    block_rows : rows per block (default: ``placement.block_rows_for(m)``, 1024–4096 and
-        more for very large data sets); smaller blocks balance finer and cost more per row.
+    block_rows : rows per block (default: ``placement.block_rows_for(m, workers)``: 4096, less
+        for small data sets on many workers, more for very large ones); smaller blocks balance
+        finer and cost more per row.
     on_event : called with a dict for every membership or placement change (see
         ``qsae.membership.Membership``).
     """
@@ -455,7 +456,7 @@ class Master:
         X = np.ascontiguousarray(X, dtype=self.dtype)  # the run's dtype: what the workers hold
         if not np.isfinite(X).all():
             raise ConfigError("X holds NaN or Inf: clean the data (np.nan_to_num) before training")
-        rows = self.block_rows or block_rows_for(X.shape[0])
+        rows = self.block_rows or block_rows_for(X.shape[0], max(1, len(self.members)))
         if rows * X.shape[1] * X.itemsize > MAX_ARRAY_BYTES:
             raise ConfigError(f"{X.shape[0]} rows make blocks of {rows} rows, over the {MAX_ARRAY_BYTES >> 20} MB a "
                               "message carries: use scatter_images (workers cut their own rows) for data this large")
@@ -479,7 +480,8 @@ class Master:
         """A new data set: every worker gets its source, then the blocks are placed."""
         with self._lock:
             self._source, self._m = source, m
-            self._sizes = [hi - lo for lo, hi in block_bounds(m, self.block_rows or block_rows_for(m))]
+            rows = self.block_rows or block_rows_for(m, max(1, len(self.members)))
+            self._sizes = [hi - lo for lo, hi in block_bounds(m, rows)]
             if len(self._sizes) > MAX_BLOCKS:
                 raise ConfigError(f"block_rows={self._sizes[0]} cuts {m} rows into {len(self._sizes)} blocks; at most "
                                   f"{MAX_BLOCKS}: give larger blocks (or leave block_rows=None)")

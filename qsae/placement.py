@@ -30,6 +30,7 @@ __all__ = [
     "BLOCK_ROWS",
     "MIN_BLOCK_ROWS",
     "MIN_BLOCKS",
+    "BLOCKS_PER_WORKER",
     "MAX_BLOCKS",
     "HYSTERESIS",
     "PAYBACK_EVALS",
@@ -45,10 +46,12 @@ __all__ = [
 # BLAS thread): 256 rows 1.22x, 512 1.09x, 1024 1.03x, 2048 0.94x, 4096 0.84x, 8192 0.81x —
 # below 1024 rows the per-block costs (a 47 KB result row, a Python call) show; from 2048 the
 # smaller working set even beats one big block. 4096 is also one generator block of the patch
-# set (data.BLOCK), cut from the images in one draw.
+# set (data.BLOCK), cut from the images in one draw. Small data sets on many workers take
+# smaller blocks all the same: there a round is latency, and idle workers cost more.
 BLOCK_ROWS = 4096
-MIN_BLOCK_ROWS = 1024  # small data sets get smaller blocks, down to this, to have MIN_BLOCKS
-MIN_BLOCKS = 16  # enough to balance 2–4 uneven workers within a few percent
+MIN_BLOCK_ROWS = 256  # small data sets get smaller blocks, down to this, to have enough of them
+MIN_BLOCKS = 16  # at least this many blocks ...
+BLOCKS_PER_WORKER = 4  # ... and this many per worker: uneven workers balance within a few percent
 MAX_BLOCKS = 256  # above this many, blocks grow (in multiples of BLOCK_ROWS): results stay small
 
 # A rebalance is made only if the predicted round gets at least this much shorter: speeds
@@ -81,15 +84,16 @@ class Move:
     dst: Hashable
 
 
-def block_rows_for(m: int) -> int:
-    """Rows per block for a data set of ``m`` rows: ``BLOCK_ROWS``; less (down to
-    ``MIN_BLOCK_ROWS``) while that leaves fewer than ``MIN_BLOCKS`` blocks; a multiple of it
-    where more than ``MAX_BLOCKS`` blocks would result."""
+def block_rows_for(m: int, n_workers: int = 1) -> int:
+    """Rows per block for ``m`` rows on ``n_workers`` workers: ``BLOCK_ROWS``; fewer (a multiple
+    of 128, down to ``MIN_BLOCK_ROWS``) where that would leave fewer than ``MIN_BLOCKS`` blocks
+    or ``BLOCKS_PER_WORKER`` a worker; a multiple of it where more than ``MAX_BLOCKS`` would
+    result."""
     if m < 1:
         raise ValueError(f"m={m}: a data set needs at least one row")
-    if m < BLOCK_ROWS * MIN_BLOCKS:
-        return max(MIN_BLOCK_ROWS, 256 * -(-m // (256 * MIN_BLOCKS)))
-    return BLOCK_ROWS * max(1, -(-m // (BLOCK_ROWS * MAX_BLOCKS)))
+    big = BLOCK_ROWS * max(1, -(-m // (BLOCK_ROWS * MAX_BLOCKS)))
+    enough = 128 * (m // (128 * max(MIN_BLOCKS, BLOCKS_PER_WORKER * n_workers)))
+    return max(MIN_BLOCK_ROWS, min(big, enough))
 
 
 def block_bounds(m: int, block_rows: int) -> list[tuple[int, int]]:

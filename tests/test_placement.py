@@ -27,7 +27,9 @@ def apply(workers, moves):
 
 def test_block_sizes():
     assert block_rows_for(100) == MIN_BLOCK_ROWS and block_rows_for(100_000) == BLOCK_ROWS
-    assert block_rows_for(10_000) == MIN_BLOCK_ROWS  # 10 blocks rather than 3
+    assert len(block_bounds(10_000, block_rows_for(10_000))) >= 16  # not 3 blocks of 4096
+    assert len(block_bounds(100_000, block_rows_for(100_000, 16))) >= 64  # 4 a worker
+    assert block_rows_for(100_000, 2) == BLOCK_ROWS
     big = block_rows_for(10**8)
     assert big % BLOCK_ROWS == 0 and len(block_bounds(10**8, big)) <= MAX_BLOCKS
     assert block_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]

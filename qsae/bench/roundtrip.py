@@ -131,7 +131,7 @@ def qsae_round_trip(theta: np.ndarray, k: int, repeat: int, curve: bool = True) 
     from ..model import SAEConfig
 
     X = np.random.default_rng(0).uniform(0.1, 0.9, size=(10 * k, 64))
-    with Master(workers=k, config=SAEConfig(), curve=curve, reducer_options={"rounds": 1},
+    with Master(workers=k, config=SAEConfig(), curve=curve, reducer_options={"rounds": 1}, block_rows=10,
                 start_timeout=max(60.0, 2.0 * k)) as master:
         master.scatter(X)
         for _ in range(20):
@@ -149,7 +149,7 @@ def table(workers: list[int], repeat: int) -> tuple[str, dict[int, float]]:
     rows, qsae = [], {}
     for k in workers:
         X = np.random.default_rng(0).uniform(0.1, 0.9, size=(10 * k, 64))
-        with Master(workers=k, config=SAEConfig(), curve=True, reducer_options={"rounds": 1},
+        with Master(workers=k, config=SAEConfig(), curve=True, reducer_options={"rounds": 1}, block_rows=10,
                     start_timeout=max(60.0, 2.0 * k)) as master, Echo(k) as echo:
             master.scatter(X)
             for _ in range(20):
