@@ -346,3 +346,26 @@ def test_launcher_errors_come_before_anything_is_written(tmp_path, monkeypatch, 
     code, _, err = run_cli(capsys, *mode, "--patches", "1000", "--out", "run")
     assert code == 2 and words in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_of_a_run_with_workers_warns_of_nothing(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group, workers included: they say BYE and
+    exit 0, the master saves the run; no line is a warning."""
+    run = tmp_path / "run"
+    p = master("--workers", "2", "--patches", "20000", "--iters", "100000", "--out", str(run),
+               "--checkpoint-every", "100000", "-q", start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(read_history(run / "history.jsonl")) < 3:
+            time.sleep(0.1)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    log = (run / "run.log").read_text()
+    assert "WARNING" not in err and "WARNING" not in log and "Traceback" not in err, err
+    _, _, meta = load_model(run / "model.npz")
+    assert meta["iteration"] == read_history(run / "history.jsonl")[-1]["iteration"] > 0
