@@ -82,7 +82,7 @@ def _op_sums(st: ShardState, theta: np.ndarray) -> np.ndarray:
 
 
 def _op_forward(st: ShardState, theta: np.ndarray) -> np.ndarray:
-    st.theta, st.A = theta.copy(), forward(theta, st.X, st.config)
+    st.theta, st.A = theta, forward(theta, st.X, st.config)  # the caller owns θ and keeps it unchanged
     h = st.config.n_hidden
     return np.ones(st.m) @ st.A[:, :h]
 
@@ -121,6 +121,8 @@ def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray
         raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     if not blocks:
         raise ProtocolError(f"{op}: no blocks to compute")
+    if op == "forward":
+        arg = np.array(arg)  # one copy of θ kept by every block for its backward round
     if op in PER_BLOCK:
         return np.stack([OPS[op](st, arg) for st in blocks])
     if len(blocks) == 1:
