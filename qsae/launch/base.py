@@ -19,6 +19,7 @@ from ..errors import ConfigError, LaunchError
 
 
 log = logging.getLogger("qsae.launch")
+_LEVELS = {name: getattr(logging, name) for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
 #: the arguments after PYTHON that start a worker
 WORKER_ARGS: tuple[str, ...] = ("-m", "qsae.worker", "--stdin")
@@ -352,13 +353,16 @@ class Launcher(abc.ABC):
         return _worker_message(connect, config, k, name)
 
     def _pump(self, worker: _Worker, stream: IO[bytes], what: str, on_eof: Callable[[], None] | None) -> None:
-        """Thread body: log every line of ``stream`` as ``NAME: line``."""
+        """Thread body: log every line of ``stream`` as ``NAME: line``, at the level a worker's
+        ``LEVEL message`` line names (INFO for any other line: a traceback, a print)."""
         try:
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if what == "stderr":
                     worker.tail.append(line)
-                log.info("%s: %s", worker.name, line)
+                head, _, rest = line.partition(" ")
+                level = _LEVELS.get(head)
+                log.log(level or logging.INFO, "%s: %s", worker.name, rest if level else line)
         except Exception as e:  # closed under our feet at stop()
             if not (self._stopping or self._stopped):
                 log.debug("%s: reading %s failed: %r", worker.name, what, e)
