@@ -3,7 +3,7 @@
 Each kernel does in one pass over a row chunk what the numpy path does in several calls;
 the products stay in BLAS and e^u stays in numpy (its SIMD exp; numba's is scalar without
 Intel's SVML). Results equal the numpy path's to rounding (sums are added in another
-order). Measured by ``benchmarks/bench_model.py``: about 0.88× the numpy path's time in
+order). Measured by ``benchmarks/bench_model.py``: about 0.9× the numpy path's time in
 float64 and in float32 at 100K patches.
 
 ``error_model="numpy"`` lets 1/(1 + e) vectorise (numba's default checks every division
