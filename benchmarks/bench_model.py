@@ -18,6 +18,7 @@ alike and the ratios within a row hold. Targets at m = 100K: float64 ≤ 2.0× i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import time
@@ -90,11 +91,7 @@ RULE = "|--------:|:------|" + "-------:|" * 2 + "-------------:|" * 2 + "------
 
 def kernels() -> list[str]:
     """The elementwise paths this machine can run: numpy, and numba if installed."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return ["numpy"]
-    return ["numpy", "numba"]
+    return ["numpy", "numba"] if importlib.util.find_spec("numba") else ["numpy"]
 
 
 def on(path: str, f: Callable[[], object]) -> Callable[[], object]:
