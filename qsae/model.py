@@ -454,14 +454,17 @@ def _kl(p: np.ndarray, config: SAEConfig) -> float:
 
 
 def _reconstruction_and_decay(theta: np.ndarray, total: Sums, config: SAEConfig) -> tuple[float, np.ndarray]:
-    """The reconstruction + weight-decay part of (cost, grad) from summed shard results."""
-    W1, W2, _, _ = unpack(theta, config)
+    """The reconstruction + weight-decay part of (cost, grad) from summed shard results.
+
+    W1 and W2 are θ's first 2·n·h entries, so the decay is one dot product and one update
+    (this runs on the master every round).
+    """
+    unpack(theta, config)  # checks θ's length
     P, m, lam = config.n_params, total.m, config.weight_decay
-    cost = total.vec[P] / (2 * m) + 0.5 * lam * (np.vdot(W1, W1) + np.vdot(W2, W2))
+    W = np.asarray(theta)[: 2 * config.n_visible * config.n_hidden]
+    cost = total.vec[P] / (2 * m) + 0.5 * lam * np.vdot(W, W)
     grad = total.vec[:P] / m
-    g = unpack(grad, config)
-    g.W1[...] += lam * W1
-    g.W2[...] += lam * W2
+    grad[: W.size] += lam * W
     return float(cost), grad
 
 
@@ -478,11 +481,11 @@ def finish_sums(theta: np.ndarray, total: Sums, config: SAEConfig, s_folded: boo
     cost += config.sparsity_weight * _kl(p, config)
     if not s_folded:
         g = unpack(grad, config)
-        s = sparsity_delta(p, config)
+        sm = sparsity_delta(p, config) / m
         fx = v[P + 1 + h : P + 1 + h + h * n].reshape(h, n)
         fsum = v[P + 1 + h + h * n :]
-        g.W1[...] += s[:, None] * fx / m
-        g.b1[...] += s * fsum / m
+        g.W1[...] += sm[:, None] * fx
+        g.b1[...] += sm * fsum
     return cost, grad
 
 
