@@ -358,3 +358,64 @@ def test_worker_exits_by_itself_when_its_master_is_killed():
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_exact_in_float32_for_1_to_3_workers(problem, t):
+    """Workers hold and compute float32 rows; the sums add up as the float32 local cost's."""
+    X, theta = problem
+    X32 = X.astype(np.float32)
+    c_ref, g_ref = cost_and_grad(theta, X32, CFG)
+    with Master(workers=t, config=CFG, dtype="float32", block_rows=100) as master:
+        master.scatter(X)  # converted to the run's dtype on the master
+        c, g = master(theta)
+    assert g.dtype == np.float64
+    assert abs(c - c_ref) < 1e-6 * c_ref  # float32 chunks, added in another order
+    assert np.linalg.norm(g - g_ref) < 1e-5 * np.linalg.norm(g_ref)
+    c64, _ = cost_and_grad(theta, X, CFG)
+    assert abs(c - c64) < 1e-5 * c64
+
+
+def test_float32_workers_train_like_a_float32_local_run(images):
+    from qsae.optim import minimize
+
+    X = sample_patches(images, 3000, seed=3, dtype=np.float32)
+    theta0 = init_params(CFG, seed=3)
+    local = minimize(lambda th: cost_and_grad(th, X, CFG), theta0, maxiter=10)
+    with Master(workers=2, config=CFG, dtype="float32") as master:
+        master.scatter_images(images, m=3000, seed=3)
+        remote = master.fit(theta0, maxiter=10)
+    np.testing.assert_allclose([c for _, _, c in remote.history], [c for _, _, c in local.history], rtol=1e-6)
+
+
+def test_a_block_of_another_dtype_is_refused_by_the_worker():
+    """A BLOCKS message whose rows are not in the run's dtype gets an ERROR that names both."""
+    from qsae.protocol import BLOCKS, READY, SOURCE
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    p = subprocess.Popen([sys.executable, "-m", "qsae.worker", "--connect", f"tcp://127.0.0.1:{port}",
+                          "--master-timeout", "5"], stderr=subprocess.DEVNULL)
+    try:
+        assert router.poll(10000)
+        ident, *rest = router.recv_multipart()
+        assert decode(rest).type == HELLO
+
+        def ask(frames):
+            router.send_multipart([ident, *[bytes(memoryview(f)) for f in frames]])
+            while router.poll(5000):
+                msg = decode(router.recv_multipart()[1:])
+                if msg.type in (READY, ERROR):
+                    return msg
+            raise AssertionError("no answer")
+
+        assert ask(encode(SOURCE, 1, config=CFG.to_dict(), kind="array", m=10, block_rows=10, patch_size=0, seed=0,
+                          sigma=0.0, dtype="float32")).type == READY
+        reply = ask(encode(BLOCKS, 2, [np.full((10, 64), 0.5)], ids=[0]))
+        assert reply.type == ERROR and "float64" in reply["message"] and "float32" in reply["message"]
+    finally:
+        p.kill()
+        p.wait()
+        router.close()
