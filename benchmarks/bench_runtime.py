@@ -185,7 +185,7 @@ def round_trip(cfg: SAEConfig, theta: np.ndarray, repeat: int) -> None:
         step = "" if prev is None else f"{(t - prev) * 1e6:+.0f}"
         print(f"| {name} | {t * 1e6:.0f} | {step} | {t / steps[0][1]:.2f} |")
         prev = t
-    print(f"| echo by qsae.bench.roundtrip (same floor, measured separately) | {echo * 1e6:.0f} | | |")
+    print(f"| CURVE echo by qsae.bench.roundtrip (the floor of the CURVE row, measured separately) | {echo * 1e6:.0f} | | |")
     print(f"\nIn a warm loop in this process: the sums on 10 rows take {t_op * 1e6:.0f} µs, the reduce "
           f"{t_red * 1e6:.0f} µs; in a round each runs cold, after its process slept in poll.")
     print(f"qsae (CURVE) / bare echo = {qsae[True] / echo:.2f}; qsae (no CURVE) / bare echo = {qsae[False] / echo:.2f}"

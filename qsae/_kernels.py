@@ -30,7 +30,17 @@ def _sigs(template: str) -> list[str]:
     return [template.replace("T", t) for t in ("float64", "float32")]
 
 
-@numba.njit(_sigs("T(T[:, ::1], T[:, ::1], T[:, ::1], T)"), **_FLAGS)
+def _output_delta_sigs() -> list:
+    """x may be read-only (a memory-mapped file, a zmq frame): numba types that apart."""
+    out = []
+    for t in (numba.float64, numba.float32):
+        rw = numba.types.Array(t, 2, "C")
+        for x in (rw, numba.types.Array(t, 2, "C", readonly=True)):
+            out.append(t(rw, x, rw, t))
+    return out
+
+
+@numba.njit(_output_delta_sigs(), **_FLAGS)
 def output_delta(o, x, d, one):  # pragma: no cover (compiled)
     """o holds e^−z3 (k, n); writes δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3) into d; returns Σ (a3 − x)²."""
     sq = one - one

@@ -35,6 +35,7 @@ import numpy as np
 from .errors import ConfigError, ProtocolError
 from .model import (
     SAEConfig,
+    activation_sums,
     Sums,
     backward,
     cost_and_grad,
@@ -83,8 +84,7 @@ def _op_sums(st: ShardState, theta: np.ndarray) -> np.ndarray:
 
 def _op_forward(st: ShardState, theta: np.ndarray) -> np.ndarray:
     st.theta, st.A = theta, forward(theta, st.X, st.config)  # the caller owns θ and keeps it unchanged
-    h = st.config.n_hidden
-    return np.ones(st.m) @ st.A[:, :h]
+    return activation_sums(st.A, st.config)
 
 
 def _op_backward(st: ShardState, s: np.ndarray) -> np.ndarray:
@@ -133,10 +133,10 @@ def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray
 def _average_group(theta: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
     """[m·J, m·∇J] of several blocks taken as one shard: ``cost_and_grad`` of their rows
     without concatenating them."""
-    cfg, h = blocks[0].config, blocks[0].config.n_hidden
+    cfg = blocks[0].config
     acts = [forward(theta, st.X, cfg) for st in blocks]
     m = sum(st.m for st in blocks)
-    s = sparsity_delta(sum(np.ones(len(A)) @ A[:, :h] for A in acts) / m, cfg)
+    s = sparsity_delta(sum(activation_sums(A, cfg) for A in acts) / m, cfg)
     total = _add([(st.m, backward(theta, st.X, A, s, cfg).vec) for st, A in zip(blocks, acts)])
     cost, grad = finish_sums(theta, total, cfg, s_folded=True)
     return np.concatenate([[cost * m], grad * m])

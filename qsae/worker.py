@@ -52,6 +52,9 @@ def _load_numerics() -> None:
         encode, send,
     )
     from .reduce import ONE_ROUND, OPS, ShardState, run_blocks
+    from .model import set_kernel
+
+    set_kernel()  # numba's import and compile (1-2 s) before HELLO, not inside the first round
 
 
 def _set_threads(threads: int) -> None:

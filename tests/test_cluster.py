@@ -20,7 +20,7 @@ from qsae import Master, SAEConfig, init_params
 from qsae.data import load_images
 from qsae.errors import ConfigError
 from qsae.model import cost_and_grad
-from tests.procs import alive
+from tests.procs import alive, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 CFG = SAEConfig()
@@ -83,6 +83,7 @@ def test_sigterm_leave_costs_no_timeout(images, undisturbed):
         states = {s["name"]: s["state"] for s in master.status()}
         assert states[victim.name] == "leaving" and len(active(master)) == 2
         assert sum(s["rows"] for s in active(master).values()) == M
+        assert wait_gone([victim.pid], 10) == []  # before close() would signal it again
     codes = dict(zip(master.launcher.pids, master.launcher.wait(5)))
     assert codes[victim.pid] == 0  # it exited by itself, cleanly
     np.testing.assert_allclose(history, undisturbed, rtol=1e-10)
