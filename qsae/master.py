@@ -505,6 +505,9 @@ class Master:
         balance) blocks move when the planner says it pays. Raises ``_Lost``."""
         if not self._source:
             return
+        silent = self._silent([w.ident for w in self.members.active()])
+        if silent:  # silent past the timeout, though backups kept the rounds going: lost
+            self._lost(_Lost(silent, self._round, "any message"))
         joining = self.members.joining()
         if joining:
             r = self._next_round()

@@ -62,7 +62,13 @@ def test_a_worker_joins_mid_run_and_is_given_blocks(images, undisturbed):
     events = []
     with Master(workers=2, config=CFG, block_rows=BLOCK, on_event=events.append) as master:
         master.scatter_images(images, m=M, seed=0)
-        history = fit_with(master, 3, lambda: master.add_workers(1))
+        def add_one():
+            master.add_workers(1)
+            deadline = time.monotonic() + 30  # its HELLO (a new process imports numpy, numba, zmq)
+            while master.n_workers < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        history = fit_with(master, 3, add_one)
         status = active(master)
         assert len(status) == 3 and all(s["blocks"] > 0 for s in status.values()), status
         assert sum(s["rows"] for s in status.values()) == M
