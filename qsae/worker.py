@@ -67,17 +67,19 @@ def _return_freed_memory() -> None:
     """Make glibc give large freed buffers back to the system at once.
 
     glibc raises its mmap threshold after each large free, so the temporaries of cutting and
-    computing blocks (MBs each) soon come from the heap and stay resident after they are
-    freed: 185 bytes a patch held on top of the rows, measured at 1M patches
-    (benchmarks/bench_memory.py). A fixed threshold (M_MMAP_THRESHOLD) keeps every buffer
-    over 128 KiB mmapped and returned on free. Elsewhere than glibc this does nothing.
+    computing blocks (MBs each) soon come from the heap, interleaved with the blocks held, and
+    stay resident after they are freed: 185 bytes a patch on top of the rows, measured at 1M
+    patches (benchmarks/bench_memory.py). A fixed threshold of 256 KiB keeps a block's rows,
+    its activations and the cutting temporaries mmapped (returned on free), while the row
+    chunks' buffers (at most 504 × 64 × 8 bytes, just under it) stay on the heap and are
+    reused without page faults. Elsewhere than glibc this does nothing.
     """
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD = -3 in malloc.h
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD = -3 in malloc.h
     except (OSError, AttributeError):  # not glibc
         pass
 
