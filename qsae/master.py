@@ -54,7 +54,7 @@ from .errors import (
 )
 from .auth import CurveGate
 from .membership import JOINING, LEAVING, LOST, SPEED_SAMPLES, Membership, WorkerInfo
-from .model import SAEConfig, Sums
+from .model import SAEConfig, Sums, chunk_rows
 from .placement import MAX_BLOCKS, WorkerView, block_bounds, block_rows_for, plan
 from .protocol import (
     BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_ARRAYS, MAX_HEADER_BYTES, PING, PONG, READY, RESULT,
@@ -457,7 +457,7 @@ class Master:
         X = np.ascontiguousarray(X, dtype=self.dtype)  # the run's dtype: what the workers hold
         if not np.isfinite(X).all():
             raise ConfigError("X holds NaN or Inf: clean the data (np.nan_to_num) before training")
-        rows = self.block_rows or block_rows_for(X.shape[0], max(1, len(self.members)))
+        rows = self.block_rows or block_rows_for(X.shape[0], max(1, len(self.members)), chunk_rows(self.config))
         if rows * X.shape[1] * X.itemsize > MAX_ARRAY_BYTES:
             raise ConfigError(f"{X.shape[0]} rows make blocks of {rows} rows, over the {MAX_ARRAY_BYTES >> 20} MB a "
                               "message carries: use scatter_images (workers cut their own rows) for data this large")
@@ -481,7 +481,7 @@ class Master:
         """A new data set: every worker gets its source, then the blocks are placed."""
         with self._lock:
             self._source, self._m = source, m
-            rows = self.block_rows or block_rows_for(m, max(1, len(self.members)))
+            rows = self.block_rows or block_rows_for(m, max(1, len(self.members)), chunk_rows(self.config))
             self._sizes = [hi - lo for lo, hi in block_bounds(m, rows)]
             if len(self._sizes) > MAX_BLOCKS:
                 raise ConfigError(f"block_rows={self._sizes[0]} cuts {m} rows into {len(self._sizes)} blocks; at most "

@@ -84,16 +84,19 @@ class Move:
     dst: Hashable
 
 
-def block_rows_for(m: int, n_workers: int = 1) -> int:
+def block_rows_for(m: int, n_workers: int = 1, chunk: int = 1) -> int:
     """Rows per block for ``m`` rows on ``n_workers`` workers: ``BLOCK_ROWS``; fewer (a multiple
     of 128, down to ``MIN_BLOCK_ROWS``) where that would leave fewer than ``MIN_BLOCKS`` blocks
     or ``BLOCKS_PER_WORKER`` a worker; a multiple of it where more than ``MAX_BLOCKS`` would
-    result."""
+    result. Blocks longer than ``chunk`` (the model's row chunk, ``model.chunk_rows``) are a
+    whole number of chunks: a short last chunk in every block cost 3% (4096 rows against 4032
+    = 8 × 504, two rounds, one BLAS thread)."""
     if m < 1:
         raise ValueError(f"m={m}: a data set needs at least one row")
     big = BLOCK_ROWS * max(1, -(-m // (BLOCK_ROWS * MAX_BLOCKS)))
     enough = 128 * (m // (128 * max(MIN_BLOCKS, BLOCKS_PER_WORKER * n_workers)))
-    return max(MIN_BLOCK_ROWS, min(big, enough))
+    rows = max(MIN_BLOCK_ROWS, min(big, enough))
+    return chunk * max(1, round(rows / chunk)) if rows > chunk else rows
 
 
 def block_bounds(m: int, block_rows: int) -> list[tuple[int, int]]:

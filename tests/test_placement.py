@@ -132,3 +132,8 @@ def test_a_joiner_is_given_blocks_even_when_moves_are_dear():
     workers = [WorkerView("a", 1.0, tuple(range(6))), WorkerView("b", 1.0, tuple(range(6, 12))), WorkerView("new", 1.0)]
     after = apply(workers, plan(workers, sizes, move_seconds=1e9))
     assert [len(w.blocks) for w in after] == [4, 4, 4]
+
+
+def test_blocks_are_whole_row_chunks():
+    assert block_rows_for(100_000, 2, chunk=504) == 4032
+    assert block_rows_for(1000, 2, chunk=504) == MIN_BLOCK_ROWS  # shorter than a chunk: left alone
