@@ -240,11 +240,14 @@ class Master:
         else:  # every start, not once per process: each run opens a new port
             log.warning("running without encryption: anyone who can reach %s can join and read the weights "
                         "(drop curve=False / --insecure to encrypt)", self.address)
-        if self.launcher is not None:
-            self.launcher.start(self.address, self._worker_config(self.launcher.n_workers))
-        self._await_hellos()
+        # the heartbeat first: workers that said HELLO hear from the master while the launcher
+        # is still starting the others (64 on 2 cores take longer than a worker's 10 s timeout)
         self._thread = threading.Thread(target=self._keepalive, name="qsae-master-heartbeat", daemon=True)
         self._thread.start()
+        t0 = time.monotonic()
+        if self.launcher is not None:
+            self.launcher.start(self.address, self._worker_config(self.launcher.n_workers))
+        self._await_hellos(t0)
 
     def _worker_config(self, n: int) -> Callable[[int], dict]:
         """The launch configuration of n new workers: a CURVE key pair each, admitted from now on."""
@@ -258,8 +261,8 @@ class Master:
 
         return config
 
-    def _await_hellos(self) -> None:
-        t0 = time.monotonic()
+    def _await_hellos(self, t0: float) -> None:
+        """Wait until ``min_workers`` said HELLO, ``start_timeout`` s from ``t0`` at most."""
         deadline = t0 + self.start_timeout
         while len(self.members) < self.min_workers:
             left = deadline - time.monotonic()
@@ -270,7 +273,8 @@ class Master:
                 raise (LaunchError if failed else RoundTimeout)(
                     f"{len(self.members)} of {self.min_workers} workers said HELLO within "
                     f"{time.monotonic() - t0:.1f} s on {self.address}{why}")
-            self._receive(min(left, 0.2))
+            with self._lock:  # the heartbeat thread uses the socket too
+                self._receive(min(left, 0.2))
 
     def add_workers(self, n: int) -> None:
         """Start ``n`` more workers with the launcher; they get blocks at the next evaluation."""

@@ -64,7 +64,7 @@ class Membership:
     """The registry of workers and the events that change it.
 
     ``on_event(event)`` is called for every change with a dict: time (unix seconds), event
-    ("join", "return", "ready", "leave", "lost", "move"), detail (one line) and workers (the
+    ("join", "return", "leave", "lost", "move"), detail (one line) and workers (the
     ``status()`` after the change).
     """
 

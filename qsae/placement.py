@@ -46,10 +46,12 @@ __all__ = [
 # BLAS thread): 256 rows 1.22x, 512 1.09x, 1024 1.03x, 2048 0.94x, 4096 0.84x, 8192 0.81x —
 # below 1024 rows the per-block costs (a 47 KB result row, a Python call) show; from 2048 the
 # smaller working set even beats one big block. 4096 is also one generator block of the patch
-# set (data.BLOCK), cut from the images in one draw. Small data sets on many workers take
-# smaller blocks all the same: there a round is latency, and idle workers cost more.
+# set (data.BLOCK), cut from the images in one draw.
 BLOCK_ROWS = 4096
-MIN_BLOCK_ROWS = 256  # small data sets get smaller blocks, down to this, to have enough of them
+# Small data sets get smaller blocks, to have enough of them, down to this: each block's result
+# row (47 KB, encrypted, sent, added) costs ~60 µs, and with 2 workers at 10K patches blocks of
+# 504 rows took 5.2 ms an evaluation, 1008 rows 4.5, 5040 rows 4.0 (but those balance coarsely).
+MIN_BLOCK_ROWS = 1024
 MIN_BLOCKS = 16  # at least this many blocks ...
 BLOCKS_PER_WORKER = 4  # ... and this many per worker: uneven workers balance within a few percent
 MAX_BLOCKS = 256  # above this many, blocks grow (in multiples of BLOCK_ROWS): results stay small
@@ -86,7 +88,7 @@ class Move:
 
 def block_rows_for(m: int, n_workers: int = 1, chunk: int = 1) -> int:
     """Rows per block for ``m`` rows on ``n_workers`` workers: ``BLOCK_ROWS``; fewer (a multiple
-    of 128, down to ``MIN_BLOCK_ROWS``) where that would leave fewer than ``MIN_BLOCKS`` blocks
+    of 128, not below ``MIN_BLOCK_ROWS``) where that would leave fewer than ``MIN_BLOCKS`` blocks
     or ``BLOCKS_PER_WORKER`` a worker; a multiple of it where more than ``MAX_BLOCKS`` would
     result. Blocks longer than ``chunk`` (the model's row chunk, ``model.chunk_rows``) are a
     whole number of chunks: a short last chunk in every block cost 3% (4096 rows against 4032
