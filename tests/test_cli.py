@@ -41,7 +41,9 @@ def test_local_run_writes_its_files(tmp_path):
     assert spec.m == 2000 and spec.seed == 3 and meta["optimizer"] == "lbfgs"
     history = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
     # the saved θ really has the last recorded cost on the rebuilt patches
-    assert cost_and_grad(theta, spec.build(), cfg)[0] == pytest.approx(history[-1]["cost"], rel=1e-12)
+    X = spec.build(dtype=meta["dtype"])  # the run's dtype: float32 by default
+    assert meta["dtype"] == "float32" and X.dtype == np.float32
+    assert cost_and_grad(theta, X, cfg)[0] == pytest.approx(history[-1]["cost"], rel=1e-12)
     assert history[-1]["cost"] < history[0]["cost"]
 
 
@@ -60,7 +62,8 @@ def test_signal_saves_the_last_iteration(tmp_path, sig, code):
     history = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == list(range(meta["iteration"] + 1))  # every completed one
     last = history[-1]
-    assert cost_and_grad(theta, DataSpec.from_dict(meta["data"]).build(), cfg)[0] == pytest.approx(last["cost"], rel=1e-12)
+    X = DataSpec.from_dict(meta["data"]).build(dtype=meta["dtype"])
+    assert cost_and_grad(theta, X, cfg)[0] == pytest.approx(last["cost"], rel=1e-12)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -111,7 +114,8 @@ def test_workers_follow_local_on_the_same_patches(tmp_path):
     runs = {}
     for mode in (["--local"], ["--workers", "2"]):
         out = tmp_path / mode[0].strip("-")
-        p = master(*mode, "--patches", "4000", "--iters", "20", "--seed", "2", "--out", str(out), "-q")
+        p = master(*mode, "--patches", "4000", "--iters", "20", "--seed", "2", "--dtype", "float64", "--out", str(out),
+                   "-q")
         _, err = p.communicate(timeout=100)
         assert p.returncode == 0, err
         runs[mode[0]] = [json.loads(ln)["cost"] for ln in (out / "history.jsonl").read_text().splitlines()]
@@ -266,7 +270,7 @@ def test_model_npz_keeps_sigma_and_dtype(tmp_path, capsys):
     assert run_cli(capsys, "--local", *SMALL, "--seed", "4", "--out", str(tmp_path / "r"))[0] == 0
     _, _, meta = load_model(tmp_path / "r" / "model.npz")
     spec = DataSpec.from_dict(meta["data"])
-    assert meta["dtype"] == "float64"
+    assert meta["dtype"] == "float32"  # the default
     assert meta["sigma"] == pytest.approx(patch_sigma(spec.images(), spec.patch_size, spec.seed), rel=1e-12)
 
 
@@ -285,7 +289,7 @@ def test_help_shows_defaults_and_what_no_mode_flag_means():
     assert p.returncode == 0
     assert "none of them   one local worker process per core" in out
     for text in ("(default: 10000)", "(default: 400)", "(default: runs/latest)", "(default: 5.0)", "(default: 60.0)",
-                 "(default: 10.0)", "(default: float64)", "(default: measured)", "(default: one per core)"):
+                 "(default: 10.0)", "(default: float32)", "(default: measured)", "(default: one per core)"):
         assert text in " ".join(out.split()), text
 
 

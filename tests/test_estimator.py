@@ -238,11 +238,12 @@ def test_hosts_file_path_goes_to_the_ssh_launcher(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """A model.npz written by `qsae-master --local --patches 2000 --iters 5`."""
+    """A model.npz written by `qsae-master --local --patches 2000 --iters 5 --dtype float64` (the
+    tests below check float64 results to the last digits; the CLI's default is float32)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, str(ROOT / "bin" / "qsae-master"), "--local", "--patches", "2000", "--iters", "5",
-                        "--hidden", "16", "--seed", "2", "--out", str(out), "-q"],
+                        "--hidden", "16", "--seed", "2", "--dtype", "float64", "--out", str(out), "-q"],
                        env=env, capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stderr
     return out / "model.npz"
