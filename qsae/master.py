@@ -562,11 +562,13 @@ class Master:
         for mv in moves:
             by_dst.setdefault(mv.dst, []).append(mv.block)
         r = self._next_round()
+        t0 = time.perf_counter()
         for ident, ids in by_dst.items():
             self._send_blocks(r, ident, sorted(ids))
-        got = self._collect(list(by_dst), r, READY)
-        per_block = [msg["seconds"] / len(by_dst[i]) for i, msg in got.items()]
-        self._move_seconds = 0.5 * self._move_seconds + 0.5 * max(per_block)
+        self._collect(list(by_dst), r, READY)
+        # what a move costs the run: sending or cutting, and waiting for READY (the planner's price)
+        per_block = (time.perf_counter() - t0) / max(len(ids) for ids in by_dst.values())
+        self._move_seconds = per_block if self._move_seconds == 0 else 0.5 * (self._move_seconds + per_block)
         for mv in moves:
             self._workers[mv.dst].blocks.add(mv.block)
             if mv.src is not None and mv.src in self._workers:

@@ -26,7 +26,10 @@ log = logging.getLogger("qsae.master")
 
 ACTIVE, JOINING, LEAVING, LOST = "active", "joining", "leaving", "lost"
 SPEED_SAMPLES = 5  # rounds in a worker's speed median: one outlier in five never moves blocks
-MIN_SAMPLE_ROWS = 256  # results over fewer rows time Python, not the worker's compute: not a speed sample
+# an evaluation shorter than this times scheduling noise, not the worker's speed: not a sample
+# (a context switch costs ~1 ms on a loaded node; with 10K patches on 2 workers, 3 ms samples
+# moved blocks back and forth, each move dearer than what it saved)
+MIN_SAMPLE_SECONDS = 0.01
 KEEP_GONE = 64  # departed and lost workers kept for status()
 
 
@@ -56,7 +59,7 @@ class WorkerInfo:
     def record(self, rows: int, seconds: float) -> None:
         """An evaluation of ``rows`` rows that took ``seconds`` of compute (every round of it)."""
         self.seconds = seconds
-        if rows >= MIN_SAMPLE_ROWS and seconds > 0:
+        if seconds >= MIN_SAMPLE_SECONDS:
             self.samples.append(rows / seconds)
 
 
