@@ -6,10 +6,13 @@ side by side, and written as markdown into DIR (with PNG plots) and printed:
     scaling.py    workers × patches against the in-process cost; the same workload through
                   a process pool that re-sends its data every call (Parallel Python's way)
                   and through dask.distributed with the shards scattered once
-    roundtrip.py  the cost of one round against the number of workers, over a bare pyzmq
-                  echo of the same message as the floor
+    roundtrip.py  the cost of one round against the number of workers, over a pyzmq
+                  CURVE echo of the same message as the floor
     quality.py    the optimizers (the report's Figure 2.3.2) and the average protocol's
                   error (its Theorem 3.1)
+    cluster.py    uneven and changing clusters: static against measured balance with one
+                  worker on a shared core, workers joining and leaving an L-BFGS run, a
+                  SIGSTOPped straggler
 
 Timings are best-of-N with one BLAS thread per process: this machine is shared and noisy,
 and a best time is the least disturbed one.
