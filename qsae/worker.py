@@ -202,8 +202,8 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        self.hello()
         try:
+            self.hello()
             if not self._await_handshake():
                 return 1
             while True:
@@ -220,8 +220,12 @@ class Worker:
             self.bye()
             return 0
         finally:
-            self.sock.close()
-            self.ctx.term()
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal now just ends the process
+                    signal.signal(sig, signal.SIG_DFL)
+            # destroy, not term: it closes every socket of the context first (the handshake
+            # monitor too, if a signal cut _await_handshake short), so the exit never hangs
+            self.ctx.destroy()
 
     def _tick(self, busy: bool) -> None:
 
