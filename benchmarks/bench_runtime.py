@@ -36,7 +36,7 @@ from qsae import Master, SAEConfig, init_params  # noqa: E402
 from qsae.bench import best_of  # noqa: E402
 from qsae.bench.roundtrip import echo_round_trip  # noqa: E402
 from qsae.model import cost_and_grad  # noqa: E402
-from qsae.protocol import EVAL, RESULT, decode, encode, send  # noqa: E402
+from qsae.protocol import EVAL, decode, encode, send  # noqa: E402
 from qsae.reduce import OPS, ShardState, make_reducer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

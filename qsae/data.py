@@ -126,8 +126,6 @@ def _from_npy(path: Path) -> list[np.ndarray]:
 
 
 def _from_folder(path: Path) -> list[np.ndarray]:
-    from skimage.io import imread
-
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(f"{path} holds no PNG or JPEG images; put some there or pass another source")

@@ -597,6 +597,8 @@ class Master:
 
     def _lost(self, lost: _Lost) -> None:
         """Drop the workers a round lost; their blocks are placed again by the next settle."""
+        if not lost.idents:
+            log.info("round %d runs again: %s", lost.round, lost.why)
         for ident in lost.idents:
             w = self._workers.get(ident)
             if w is not None:
@@ -676,13 +678,14 @@ class Master:
         if not math.isfinite(out.sum()):  # any NaN or Inf makes the sum so; one pass, no temporary
             raise NumericalError(f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round "
                                  f"{rnd.number} ({rnd.op}); the run stops here with the last good θ saved")
-        if sorted(ids) == sorted(w.blocks):  # its own blocks, not a backup: part of its evaluation's time
+        if len(ids) == len(w.blocks) and w.blocks.issuperset(ids):  # its own blocks, not a backup: its time
             w.eval_rows, w.eval_seconds = msg["rows"], w.eval_seconds + msg["seconds"]
         rnd.accept(w.ident, ids, out)
 
     def _back_up(self, rnd: Round, straggler: bytes, arg: np.ndarray, data) -> None:
         """Ask the idle workers to compute a straggler's blocks too (they cut them from the images)."""
-        speeds = {w.ident: self._speed(w, self.members.active()) for w in self.members.active()}
+        active = self.members.active()
+        speeds = {w.ident: self._speed(w, active) for w in active}
         backups = rnd.backups(straggler, speeds)
         if not backups:
             return

@@ -117,6 +117,8 @@ class Worker:
         self._extra: dict = {}  # blocks cut for a straggler's backup (not held), kept for one evaluation
         self._theta = None  # θ of the last forward round (a backup's backward needs it)
         self._last_hello = 0.0
+        self._handlers = {PING: lambda msg: self.send(PONG), SOURCE: self._on_source, BLOCKS: self._on_blocks,
+                          DROP: self._on_drop, EVAL: self._on_eval}  # by message type; built once
         self._last_heard = time.monotonic()
         self._last_sent = 0.0
 
@@ -258,10 +260,6 @@ class Worker:
             self.send_error(ProtocolError(f"a worker does not take {msg.type} messages"), msg.round)
         return False
 
-    @property
-    def _handlers(self) -> dict:
-        return {PING: lambda msg: self.send(PONG), SOURCE: self._on_source, BLOCKS: self._on_blocks,
-                DROP: self._on_drop, EVAL: self._on_eval}
 
     # -- data: the source once, then blocks of it
     def _on_source(self, msg) -> None:
