@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from qsae import Master, SAEConfig, init_params  # noqa: E402
-from qsae.bench import best_of  # noqa: E402
+from qsae.bench import best_of, machine  # noqa: E402
 from qsae.bench.roundtrip import echo_round_trip  # noqa: E402
 from qsae.model import cost_and_grad  # noqa: E402
 from qsae.protocol import EVAL, decode, encode, send  # noqa: E402
@@ -202,7 +202,7 @@ def main() -> None:
     cfg = SAEConfig()
     theta = init_params(cfg, seed=0)
     rng = np.random.default_rng(0)
-    print(f"# {os.cpu_count()} cores; one BLAS thread per process; h={cfg.n_hidden}; best of {args.repeat}\n")
+    print(f"# {machine()}; h={cfg.n_hidden}; best of {args.repeat}\n")
     with Master(workers=2, config=cfg) as master:
         scaling(master, cfg, theta, [int(s) for s in args.sizes.split(",")], args.repeat, rng)
         crossover(master, cfg, theta, args.repeat, rng)

@@ -468,6 +468,9 @@ def master_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(max(args.threads, 1)))  # before numpy loads: one core per process
+    from . import _blas
+
+    _blas.set_threads(max(args.threads, 1))  # the model's arithmetic: --threads, whatever the environment says
     _setup_logging(args)
     try:
         if args.make_keys:

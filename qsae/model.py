@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ConfigError, DataError
+from ._blas import pinned  # every BLAS-calling entry point: one BLAS thread, whatever the caller set (issue 14)
 
 __all__ = [
     "SAEConfig",
@@ -278,6 +279,7 @@ def chunk_rows(config: SAEConfig) -> int:
     return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, SMALL_GEMM // width // 8 * 8)))
 
 
+@pinned
 def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
     """Hidden activations with a column of ones appended: (m, h + 1), in X's dtype.
 
@@ -315,6 +317,7 @@ def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
     return A
 
 
+@pinned
 def activation_sums(A: np.ndarray, config: SAEConfig) -> np.ndarray:
     """Σ a2 over the rows of ``forward``'s A: (h,) float64, each chunk's sum added in float64.
 
@@ -357,6 +360,7 @@ def _hidden_delta(d2: np.ndarray, a: np.ndarray, S: np.ndarray | None, f: np.nda
         np.matmul(ones, f, out=col[2])
 
 
+@pinned
 def backward(
     theta: np.ndarray,
     X: np.ndarray,
@@ -437,6 +441,7 @@ def backward(
     return Sums(m, np.concatenate(parts))
 
 
+@pinned
 def shard_sums(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> Sums:
     """One-round sums of a shard: everything the exact cost needs, in one pass."""
     return backward(theta, X, forward(theta, X, config), None, config, one_round=True)
@@ -468,6 +473,7 @@ def _reconstruction_and_decay(theta: np.ndarray, total: Sums, config: SAEConfig)
     return float(cost), grad
 
 
+@pinned
 def finish_sums(theta: np.ndarray, total: Sums, config: SAEConfig, s_folded: bool) -> tuple[float, np.ndarray]:
     """Cost and gradient of the whole data set from the sum of every shard's ``Sums``.
 
@@ -489,6 +495,7 @@ def finish_sums(theta: np.ndarray, total: Sums, config: SAEConfig, s_folded: boo
     return cost, grad
 
 
+@pinned
 def cost_and_grad(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> tuple[float, np.ndarray]:
     """Cost J(θ) and its gradient on the patches X (m, n), in this process.
 
@@ -501,6 +508,7 @@ def cost_and_grad(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> tuple[
     return finish_sums(theta, backward(theta, X, A, sparsity_delta(p, config), config), config, s_folded=True)
 
 
+@pinned
 def minibatch_cost_and_grad(
     theta: np.ndarray, X: np.ndarray, config: SAEConfig
 ) -> tuple[float, np.ndarray, np.ndarray]:

@@ -61,6 +61,9 @@ def _set_threads(threads: int) -> None:
     """One BLAS thread per worker (one worker per core); must run before numpy loads."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
+    from . import _blas
+
+    _blas.set_threads(threads)  # and the model's arithmetic runs on that many, whatever the environment said
 
 
 def _keep_freed_memory() -> None:

@@ -64,4 +64,7 @@ def machine() -> str:
         blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info())
     except ImportError:
         blas = "unknown (pip install threadpoolctl)"
+    forced = " ".join(f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ)
+    if forced:  # older OpenBLAS builds need them on some processors; a user's machine has neither
+        blas += f" — forced by {forced}: unset both in this command for a user's figures"
     return f"{cpu}, {os.cpu_count()} cores, BLAS: {blas}, one BLAS thread per process"
