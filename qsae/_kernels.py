@@ -10,9 +10,12 @@ float64 and in float32 at 100K patches.
 for zero, which keeps the loop scalar); ``fastmath`` is limited to reassociation (the sums
 vectorise), contraction (FMA), no signed zeros and reciprocal division: NaN and ∞ still
 propagate, so a diverging run is still caught. The signatures are compiled when this module
-is first imported and cached on disk (``cache=True``), so no round pays for compiling.
+is first imported and cached on disk (``cache=True``: next to this file, else in numba's
+user cache folder, ``NUMBA_CACHE_DIR`` if set), so no round pays for compiling and a
+process after the first loads them in a fraction of a second; where no cache folder is
+writable they are compiled without one (each process then compiles, 1–2 s).
 
-Install with ``pip install 'qsae[fast]'``; select with ``QSAE_KERNEL=numba|numpy`` or
+numba is a dependency of qsae; select with ``QSAE_KERNEL=numba|numpy`` or
 ``qsae.model.set_kernel``.
 """
 
@@ -20,10 +23,19 @@ from __future__ import annotations
 
 import numba
 
-__all__ = ["output_delta", "hidden_delta", "sigmoid_of_exp"]
+__all__ = ["output_delta", "hidden_delta", "sigmoid_of_exp", "activate", "rate_sums"]
 
-_FLAGS = dict(error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True, nogil=True,
-              boundscheck=False)
+_FLAGS = dict(error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, boundscheck=False)
+
+
+def _jit(sigs):
+    """numba.njit with ``_FLAGS``, cached on disk where a cache folder is writable."""
+    def deco(fn):
+        try:
+            return numba.njit(sigs, cache=True, **_FLAGS)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available": compile without a cache
+            return numba.njit(sigs, cache=False, **_FLAGS)(fn)
+    return deco
 
 
 def _sigs(template: str) -> list[str]:
@@ -40,7 +52,7 @@ def _output_delta_sigs() -> list:
     return out
 
 
-@numba.njit(_output_delta_sigs(), **_FLAGS)
+@_jit(_output_delta_sigs())
 def output_delta(o, x, d, one):  # pragma: no cover (compiled)
     """o holds e^−z3 (k, n); writes δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3) into d; returns Σ (a3 − x)²."""
     sq = one - one
@@ -54,29 +66,56 @@ def output_delta(o, x, d, one):  # pragma: no cover (compiled)
     return sq
 
 
-@numba.njit(_sigs("void(T[:, ::1], T[:, ::1], T[::1], T[:, ::1], T[:, ::1], boolean)"), **_FLAGS)
-def hidden_delta(d2, a, s, f, col, one_round):  # pragma: no cover (compiled)
-    """δ2 = (d2 + s) ⊙ f' in place, f' = a ⊙ (1 − a); col[0] = Σ δ2, col[1] = Σ a over the
-    rows; with ``one_round`` also f = f' and col[2] = Σ f'."""
+@_jit(_sigs("void(T[:, ::1], T[:, ::1], T[:, ::1], T[::1], T[:, ::1], T[:, ::1], boolean, T)"))
+def hidden_delta(d2, a, u, s, f, col, one_round, one):  # pragma: no cover (compiled)
+    """δ2 = (d2 + s) ⊙ f' in place, f' = a ⊙ q with q = 1 − a from u = e^−z (u·a for u < 1:
+    exact where a rounds to 1); col[0] = Σ δ2, col[1] = Σ a, col[2] = Σ q over the rows;
+    with ``one_round`` also f = f' and col[3] = Σ f'."""
     k, w = d2.shape
-    c0, c1, c2 = col[0], col[1], col[2]
+    c0, c1, c2, c3 = col[0], col[1], col[2], col[3]
     for i in range(k):
         for j in range(w):
             aj = a[i, j]
-            fj = aj - aj * aj
+            uj = u[i, j]
+            qj = uj * aj if uj < one else one - aj
+            fj = aj * qj
             v = (d2[i, j] + s[j]) * fj
             d2[i, j] = v
             c0[j] += v
             c1[j] += aj
+            c2[j] += qj
             if one_round:
                 f[i, j] = fj
-                c2[j] += fj
+                c3[j] += fj
 
 
-@numba.njit(_sigs("void(T[:, ::1], T)"), **_FLAGS)
+@_jit(_sigs("void(T[:, ::1], T)"))
 def sigmoid_of_exp(u, one):  # pragma: no cover (compiled)
     """u := 1/(1 + u) in place: σ(z) from u = e^−z."""
     k, w = u.shape
     for i in range(k):
         for j in range(w):
             u[i, j] = one / (one + u[i, j])
+
+
+@_jit(_sigs("void(T[:, ::1], T[:, ::1], T)"))
+def activate(u, a, one):  # pragma: no cover (compiled)
+    """a = 1/(1 + u): σ(z) from u = e^−z, into a."""
+    k, w = u.shape
+    for i in range(k):
+        for j in range(w):
+            a[i, j] = one / (one + u[i, j])
+
+
+@_jit(_sigs("void(T[:, ::1], T[:, ::1], T)"))
+def rate_sums(u, col, one):  # pragma: no cover (compiled)
+    """col[0] += Σ a, col[1] += Σ (1 − a) over the rows, a = σ(z) from u = e^−z; 1 − a as
+    u·a where u < 1 (exact where a rounds to 1)."""
+    k, w = u.shape
+    c0, c1 = col[0], col[1]
+    for i in range(k):
+        for j in range(w):
+            uj = u[i, j]
+            aj = one / (one + uj)
+            c0[j] += aj
+            c1[j] += uj * aj if uj < one else one - aj

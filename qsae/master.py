@@ -661,7 +661,7 @@ class Master:
         """Length of one result row of ``op`` (None: not an op the master knows; the worker says so)."""
         cfg = self.config
         return {"sums": Sums.size(cfg, one_round=True), "backward": Sums.size(cfg, one_round=False),
-                "forward": cfg.n_hidden, "average": cfg.n_params + 1}.get(op)
+                "forward": 2 * cfg.n_hidden, "average": cfg.n_params + 1}.get(op)
 
     def _take_result(self, w: WorkerInfo, msg, rnd: Round, width: int | None) -> None:
         """Check a RESULT (round, shape, finiteness), note the worker's compute time, give it to the round."""

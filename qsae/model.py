@@ -15,11 +15,16 @@ Its gradient is linear in s_j = β(−ρ/p_j + (1−ρ)/(1−p_j)), so a shard c
 
 * one round: the shard also returns Σ f'_i x_iᵀ and Σ f'_i (f' = a2 ⊙ (1 − a2)), and the
   sparsity part of ∂J/∂W1 is diag(s) Σ f' xᵀ / m (``shard_sums``);
-* two rounds: the shard returns Σ a2 first (``forward``), is sent s, and folds s into its
-  backward pass (``backward``).
+* two rounds: the shard returns Σ a2 and Σ (1 − a2) first (``hidden_exp``, ``hidden_sums``),
+  is sent s, and folds s into its backward pass (``backward``).
+
+Saturation: the hidden layer is kept as u = e^−z (``hidden_exp``), from which both a2 and
+1 − a2 come to full relative precision. 1 − p_j is summed as its own statistic rather than
+taken as 1 − mean(a2), and f' = a2 ⊙ (1 − a2) uses it: a unit saturated on every row (inputs
+far outside [0, 1]) costs a large finite amount and has a finite, exact gradient.
 
 Precision: X may be float32 or float64 (anything else is converted to float64). The
-products and elementwise passes run in X's dtype and ``forward``'s activations are in it;
+products and elementwise passes run in X's dtype and the hidden layer is in it;
 θ, the gradient and ``Sums.vec`` are always float64, each row chunk's sums being added
 into float64 accumulators, so shards and chunks add without drift. float32 is about 2×
 faster (``benchmarks/bench_model.py``) and holds half the memory.
@@ -48,9 +53,11 @@ __all__ = [
     "init_params",
     "unpack",
     "cost_and_grad",
+    "hidden_exp",
     "forward",
     "backward",
     "activation_sums",
+    "hidden_sums",
     "chunk_rows",
     "shard_sums",
     "sparsity_delta",
@@ -65,6 +72,8 @@ SMALL_GEMM = 1_000_000  # OpenBLAS multiplies M·N·K ≤ 10⁶ without packing:
 MIN_CHUNK_ROWS = 128  # below this the numpy calls per chunk cost more than the passes (wide models)
 MAX_CHUNK_ROWS = 504  # the small-matrix limit for n = 64, h = 30; a (504, 64) float64 chunk is 252 KiB, in L2
 FORWARD_CHUNKS = 4  # chunks per elementwise pass in forward: (2016, 31) float64 is 488 KiB, in L2
+RATE_FLOOR = 1e-300  # p_j or 1 − p_j under this (σ under/overflowed on every row) counts as this: the KL term stays
+#                      finite (about 690 a unit) and s ≤ β·1e300 stays a float64
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,10 @@ class Sums:
     ``vec`` is one float64 vector so that reducing shards is a single addition::
 
         [ grad (n_params: ΣW1, ΣW2, Σb1, Σb2 of the reconstruction gradient) | Σ||a3−x||² |
-          Σ a2 (h) | Σ f'xᵀ (h·n, one-round only) | Σ f' (h, one-round only) ]
+          Σ a2 (h) | Σ (1 − a2) (h) | Σ f'xᵀ (h·n, one-round only) | Σ f' (h, one-round only) ]
+
+    Σ (1 − a2) is its own statistic, summed from the pre-activations (``hidden_exp``): 1 − p_j
+    is then exact where p_j rounds to 1, and a saturated unit costs a large finite amount.
 
     ``m`` is the number of rows summed.
     """
@@ -188,11 +200,11 @@ class Sums:
     def size(config: SAEConfig, one_round: bool) -> int:
         """Length of ``vec`` for ``config``."""
         h, n = config.n_hidden, config.n_visible
-        return config.n_params + 1 + h + (h * n + h if one_round else 0)
+        return config.n_params + 1 + 2 * h + (h * n + h if one_round else 0)
 
 
 DTYPES = (np.float32, np.float64)  # the compute dtypes; anything else is converted to float64
-KERNELS = ("numpy", "numba")  # the elementwise paths: numpy calls, or compiled one-pass kernels (qsae[fast])
+KERNELS = ("numpy", "numba")  # the elementwise paths: numpy calls, or compiled one-pass kernels (numba, a dependency)
 _kernels: ModuleType | None = None  # qsae._kernels when the numba path is selected
 _kernel: str | None = None  # the selected path; None until first use
 
@@ -202,7 +214,7 @@ def set_kernel(name: str | None = None) -> str:
 
     Parameters
     ----------
-    name : "numba" (compiled one-pass kernels: ``pip install 'qsae[fast]'``), "numpy", or
+    name : "numba" (compiled one-pass kernels, the default), "numpy", or
         None for the environment variable ``QSAE_KERNEL``, else "numba" if it is installed,
         else "numpy". Both paths give the same results to rounding.
     """
@@ -215,8 +227,8 @@ def set_kernel(name: str | None = None) -> str:
             compiled = importlib.import_module("._kernels", __package__)
         except ImportError as e:
             if chosen == "numba":
-                raise ConfigError(f"the numba kernels need numba ({e}): pip install 'qsae[fast]', "
-                                  "or choose QSAE_KERNEL=numpy") from None
+                raise ConfigError(f"the numba kernels need numba ({e}): pip install numba (a dependency of qsae "
+                                  "that this environment lacks), or choose QSAE_KERNEL=numpy") from None
             compiled = None
         chosen = "numba" if compiled is not None else "numpy"
         _kernels = compiled
@@ -254,19 +266,6 @@ def _check_X(X: np.ndarray, config: SAEConfig) -> np.ndarray:
     return X
 
 
-def _check_A(A: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
-    """The activations of ``forward(θ, X)``: (m, h + 1) in X's dtype, C-contiguous."""
-    A = np.asarray(A)
-    if A.shape != (X.shape[0], config.n_hidden + 1):
-        raise DataError(
-            f"activations have shape {A.shape} but X has {X.shape[0]} rows and n_hidden={config.n_hidden}; "
-            "pass A = forward(theta, X, config) for the same X"
-        )
-    if A.dtype != X.dtype or not A.flags.c_contiguous:
-        A = np.ascontiguousarray(A, dtype=X.dtype)
-    return A
-
-
 def chunk_rows(config: SAEConfig) -> int:
     """Rows per chunk: the most that keep each product under OpenBLAS's small-matrix size.
 
@@ -280,17 +279,35 @@ def chunk_rows(config: SAEConfig) -> int:
 
 
 @pinned
-def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
-    """Hidden activations with a column of ones appended: (m, h + 1), in X's dtype.
+def hidden_exp(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """e^−z of the hidden layer, z = X W1ᵀ + b1, with a column of zeros appended: (m, h + 1), X's dtype.
 
-    The ones column lets ``backward`` fold b2 into the output product and get Σ δ3 (the b2
-    gradient) out of the W2-gradient product for free. Σ a2 is ``activation_sums(A, config)``.
+    The form in which the hidden layer is kept between the two passes (and the two rounds of
+    the exact protocol): both a = σ(z) = 1/(1 + u) and 1 − a = σ(−z) = u·a (u < 1; 1 − a
+    otherwise) come out of u to full relative precision, so a saturated unit, whose a rounds
+    to 1, still has its exact 1 − p_j and f' = a(1 − a) (``hidden_sums``, ``backward``). The
+    zeros column is the bias unit of the output layer: u = 0, a = 1, f' = 0.
 
-    Computed in place in A: u = x·(−W1ᵀ) − b1 by row chunks, then σ = 1/(1 + e^u) over a few
-    chunks at a time (fewer calls, still in cache). The ones column comes out of the same
-    passes: its weights are 0 and its bias +∞, so u = −∞, e^u = 0 and σ = 1 exactly; every
-    pass runs over whole contiguous rows.
+    Computed in place: u = x·(−W1ᵀ) − b1 by row chunks, then e^u over a few chunks at a time
+    (fewer calls, still in cache). The zeros column comes out of the same passes: its weights
+    are 0 and its bias +∞, so u = −∞ and e^u = 0 exactly; every pass runs over whole rows.
     """
+    return _hidden(theta, X, config, activate=False)
+
+
+@pinned
+def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """Hidden activations σ(X W1ᵀ + b1) with a column of ones appended: (m, h + 1), in X's dtype.
+
+    What ``transform`` gives (drop the last column for the hidden layer alone); Σ a2 is
+    ``activation_sums(A, config)``. The cost and the protocol keep the hidden layer as
+    ``hidden_exp`` instead, from which 1 − a is exact too.
+    """
+    return _hidden(theta, X, config, activate=True)
+
+
+def _hidden(theta: np.ndarray, X: np.ndarray, config: SAEConfig, activate: bool) -> np.ndarray:
+    """e^−z (``hidden_exp``), or σ(z) with ``activate`` (``forward``), over spans of a few chunks."""
     X = _check_X(X, config)
     W1, _, b1, _ = unpack(theta, config)
     m, n, h, dt = X.shape[0], config.n_visible, config.n_hidden, X.dtype
@@ -298,23 +315,39 @@ def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
     nW1T[:, :h] = -W1.T
     b1x = np.empty(h + 1, dtype=dt)  # [b1 | +∞]
     b1x[:h], b1x[h] = b1, np.inf
-    A = np.empty((m, h + 1), dtype=dt)
+    U = np.empty((m, h + 1), dtype=dt)
     rows = chunk_rows(config)
     span = rows * FORWARD_CHUNKS
     B1 = np.tile(b1x, (min(span, m), 1))  # b1 on every row: a same-shape subtraction is 2× faster than broadcasting
     nb, one = _compiled(), dt.type(1)
-    for lo in range(0, m, span):
-        u = A[lo : lo + span]
-        for b in range(lo, min(lo + span, m), rows):
-            np.matmul(X[b : b + rows], nW1T, out=A[b : b + rows])
-        u -= B1[: u.shape[0]]
-        np.exp(u, out=u)
-        if nb is not None:
-            nb.sigmoid_of_exp(u, one)
-        else:
-            u += one
-            np.divide(one, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
-    return A
+    with np.errstate(over="ignore"):  # e^−z = ∞ where z < −709 (float64) or −88 (float32): σ(z) = 0, as it is
+        for lo in range(0, m, span):
+            u = U[lo : lo + span]
+            for b in range(lo, min(lo + span, m), rows):
+                np.matmul(X[b : b + rows], nW1T, out=U[b : b + rows])
+            u -= B1[: u.shape[0]]
+            np.exp(u, out=u)
+            if not activate:
+                continue
+            if nb is not None:
+                nb.sigmoid_of_exp(u, one)
+            else:
+                u += one
+                np.divide(one, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
+    return U
+
+
+def _check_U(U: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """The hidden layer of ``hidden_exp(θ, X)``: (m, h + 1) in X's dtype, C-contiguous."""
+    U = np.asarray(U)
+    if U.shape != (X.shape[0], config.n_hidden + 1):
+        raise DataError(
+            f"the hidden layer has shape {U.shape} but X has {X.shape[0]} rows and n_hidden={config.n_hidden}; "
+            "pass U = hidden_exp(theta, X, config) for the same X"
+        )
+    if U.dtype != X.dtype or not U.flags.c_contiguous:
+        U = np.ascontiguousarray(U, dtype=X.dtype)
+    return U
 
 
 @pinned
@@ -332,6 +365,47 @@ def activation_sums(A: np.ndarray, config: SAEConfig) -> np.ndarray:
     return sums.sum(axis=0, dtype=np.float64)[:h]
 
 
+def _activate(u: np.ndarray, a: np.ndarray, one: np.floating) -> None:
+    """The numpy path of ``_kernels.activate``: a = 1/(1 + u)."""
+    np.add(u, one, out=a)
+    np.divide(one, a, out=a)
+
+
+def _complement(u: np.ndarray, a: np.ndarray, q: np.ndarray, one: np.floating) -> None:
+    """q = 1 − a = σ(−z) from u = e^−z and a = σ(z), exact where a rounds to 1: u·a for u < 1, else 1 − a."""
+    small = u < one  # elsewhere u·a could be ∞·0 (u = ∞, a = 0)
+    np.multiply(u, a, out=q, where=small)
+    np.subtract(one, a, out=q, where=~small)
+
+
+@pinned
+def hidden_sums(U: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """[Σ a2 | Σ (1 − a2)] over the rows of ``hidden_exp``'s U: (2h,) float64.
+
+    Σ (1 − a2) is summed as its own statistic from u = e^−z, so 1 − p_j is exact even where
+    every σ(z) rounds to 1 (inputs far outside [0, 1]); each chunk's sums are added in float64.
+    Divided by m they are the ``rates`` of ``sparsity_delta`` and the KL term.
+    """
+    h, rows, m, dt = config.n_hidden, chunk_rows(config), U.shape[0], U.dtype
+    k0 = min(rows, m)
+    col = np.zeros((-(-m // rows), 2, U.shape[1]), dtype=dt)
+    nb, one = _compiled(), dt.type(1)
+    if nb is None:
+        a, q, ones = np.empty((k0, U.shape[1]), dt), np.empty((k0, U.shape[1]), dt), np.ones(k0, dt)
+    for i, lo in enumerate(range(0, m, rows)):
+        u = U[lo : lo + rows]
+        if nb is not None:
+            nb.rate_sums(u, col[i], one)
+        else:
+            k = u.shape[0]
+            _activate(u, a[:k], one)
+            _complement(u, a[:k], q[:k], one)
+            np.matmul(ones[:k], a[:k], out=col[i, 0])
+            np.matmul(ones[:k], q[:k], out=col[i, 1])
+    cs = col.sum(axis=0, dtype=np.float64)
+    return np.concatenate([cs[0, :h], cs[1, :h]])
+
+
 def _output_delta(o: np.ndarray, x: np.ndarray, d: np.ndarray, one: np.floating) -> float:
     """The numpy path of ``_kernels.output_delta``: o = e^−z3 in (overwritten); δ3 into d;
     returns Σ (a3 − x)²."""
@@ -345,54 +419,59 @@ def _output_delta(o: np.ndarray, x: np.ndarray, d: np.ndarray, one: np.floating)
     return sq
 
 
-def _hidden_delta(d2: np.ndarray, a: np.ndarray, S: np.ndarray | None, f: np.ndarray, col: np.ndarray,
-                  one_round: bool, ones: np.ndarray) -> None:
-    """The numpy path of ``_kernels.hidden_delta``: δ2 = (d2 + S) ⊙ f' in place, f = f';
-    col[0] = Σ δ2, col[1] = Σ a (and col[2] = Σ f' with ``one_round``)."""
-    np.subtract(1.0, a, out=f)
-    f *= a  # f' = a2 ⊙ (1 − a2)
+def _hidden_delta(d2: np.ndarray, a: np.ndarray, u: np.ndarray, S: np.ndarray | None, f: np.ndarray,
+                  q: np.ndarray, col: np.ndarray, one_round: bool, ones: np.ndarray) -> None:
+    """The numpy path of ``_kernels.hidden_delta``: δ2 = (d2 + S) ⊙ f' in place, f = f' = a ⊙ q
+    with q = 1 − a exact (``_complement``); col[0] = Σ δ2, col[1] = Σ a, col[2] = Σ q (and
+    col[3] = Σ f' with ``one_round``)."""
+    one = a.dtype.type(1)
+    _complement(u, a, q, one)
+    np.multiply(a, q, out=f)  # f' = a2 ⊙ (1 − a2)
     if S is not None:
         d2 += S
     d2 *= f  # δ2
     np.matmul(ones, d2, out=col[0])
     np.matmul(ones, a, out=col[1])
+    np.matmul(ones, q, out=col[2])
     if one_round:
-        np.matmul(ones, f, out=col[2])
+        np.matmul(ones, f, out=col[3])
 
 
 @pinned
 def backward(
     theta: np.ndarray,
     X: np.ndarray,
-    A: np.ndarray,
+    U: np.ndarray,
     s: np.ndarray | None,
     config: SAEConfig,
     one_round: bool = False,
 ) -> Sums:
-    """Sums of the shard given its hidden activations ``A`` (from ``forward``).
+    """Sums of the shard given its hidden layer ``U`` (from ``hidden_exp``).
 
     Parameters
     ----------
     theta : (n_params,) weights.
     X : (m, n) patches of this shard, float32 or float64: the products and elementwise
         passes run in this dtype.
-    A : (m, h + 1) output of ``forward(theta, X)``.
-    s : (h,) sparsity delta β(−ρ/p + (1−ρ)/(1−p)) of the global p, folded into the hidden
+    U : (m, h + 1) output of ``hidden_exp(theta, X)``: e^−z of the hidden layer.
+    s : (h,) sparsity delta ``sparsity_delta`` of the global rates, folded into the hidden
         deltas (two-round protocol); None for none (one-round protocol, which returns
         Σ f'xᵀ and Σ f' instead).
     one_round : also accumulate Σ f' xᵀ and Σ f' (one extra h×n product per row chunk).
 
     Returns
     -------
-    Sums over the rows of X (float64: each row chunk's sums are added in float64); Σ a2 is
-    included.
+    Sums over the rows of X (float64: each row chunk's sums are added in float64); Σ a2 and
+    Σ (1 − a2) are included.
 
-    The hidden side works on whole rows of (h + 1) columns: W2's extra column and s's extra
-    entry are 0 and the ones column of A has f' = 1·(1 − 1) = 0, so the extra column of every
-    hidden quantity is 0 and is dropped at the end.
+    Per row chunk, a = 1/(1 + u) first (one pass, in cache), then the output layer and the
+    deltas; f' = a ⊙ (1 − a) with 1 − a from u, so it is exact where a rounds to 1. The
+    hidden side works on whole rows of (h + 1) columns: W2's extra column and s's extra
+    entry are 0 and the ones column has f' = 0, so the extra column of every hidden
+    quantity is 0 and is dropped at the end.
     """
     X = _check_X(X, config)
-    A = _check_A(A, X, config)
+    U = _check_U(U, X, config)
     W1, W2, b1, b2 = unpack(theta, config)
     m, n, h, dt = X.shape[0], config.n_visible, config.n_hidden, X.dtype
     nW2bT = np.empty((h + 1, n), dtype=dt)  # −[W2 | b2]ᵀ: the output layer as one (negated) matrix
@@ -403,59 +482,87 @@ def backward(
     k0 = min(rows, m)
     S = np.zeros((k0, h + 1), dtype=dt)  # [s | 0] on every row: a same-shape addition is 2× faster than broadcasting
     if s is not None:
-        S[:, :h] = s
+        big = np.finfo(dt).max / 16  # s of a unit whose 1 − p underflowed meets f' = 0 there: keep ∞·0 out
+        S[:, :h] = np.clip(s, -big, big)
     nc = -(-m // rows)
     gW1, gW2b, fx = np.zeros((h, n)), np.zeros((n, h + 1)), np.zeros((h, n))  # float64 accumulators
-    col = np.zeros((nc, 3, h + 1), dtype=dt)  # per chunk: Σ δ2, Σ a2, Σ f'
+    col = np.zeros((nc, 4, h + 1), dtype=dt)  # per chunk: Σ δ2, Σ a2, Σ (1 − a2), Σ f'
     sq = np.empty(nc, dtype=dt)  # per chunk: Σ ||a3 − x||²
     P1, P2 = np.empty((h, n), dtype=dt), np.empty((n, h + 1), dtype=dt)  # one chunk's products
     full = (np.empty((k0, n), dtype=dt), np.empty((k0, n), dtype=dt), np.empty((k0, h + 1), dtype=dt),
-            np.empty((k0, h + 1), dtype=dt), np.ones(k0, dtype=dt), S)
+            np.empty((k0, h + 1), dtype=dt), np.empty((k0, h + 1), dtype=dt), np.empty((k0, h + 1), dtype=dt),
+            np.ones(k0, dtype=dt), S)
     nb, one = _compiled(), dt.type(1)
-    for i, lo in enumerate(range(0, m, rows)):
-        x, a = X[lo : lo + rows], A[lo : lo + rows]
-        o, d, f, d2, ones, Sk = full if x.shape[0] == k0 else (v[: x.shape[0]] for v in full)
-        np.matmul(a, nW2bT, out=o)  # −z3
-        np.exp(o, out=o)
-        if nb is not None:
-            sq[i] = nb.output_delta(o, x, d, one)
-        else:
-            sq[i] = _output_delta(o, x, d, one)
-        np.matmul(d.T, a, out=P2)
-        gW2b += P2  # [Σ δ3 a2ᵀ | Σ δ3]
-        np.matmul(d, W2x, out=d2)
-        if nb is not None:
-            nb.hidden_delta(d2, a, S[0], f, col[i], one_round)
-        else:
-            _hidden_delta(d2, a, Sk if s is not None else None, f, col[i], one_round, ones)
-        np.matmul(d2[:, :h].T, x, out=P1)  # h rows, not h + 1: an odd width is 1.3× slower here
-        gW1 += P1
-        if one_round:
-            np.matmul(f[:, :h].T, x, out=P1)
-            fx += P1
+    with np.errstate(over="ignore"):  # e^−z3 = ∞: a3 = 0, as it is
+        for i, lo in enumerate(range(0, m, rows)):
+            x, u = X[lo : lo + rows], U[lo : lo + rows]
+            o, d, a, f, d2, q, ones, Sk = full if x.shape[0] == k0 else (v[: x.shape[0]] for v in full)
+            if nb is not None:
+                nb.activate(u, a, one)
+            else:
+                _activate(u, a, one)
+            np.matmul(a, nW2bT, out=o)  # −z3
+            np.exp(o, out=o)
+            if nb is not None:
+                sq[i] = nb.output_delta(o, x, d, one)
+            else:
+                sq[i] = _output_delta(o, x, d, one)
+            np.matmul(d.T, a, out=P2)
+            gW2b += P2  # [Σ δ3 a2ᵀ | Σ δ3]
+            np.matmul(d, W2x, out=d2)
+            if nb is not None:
+                nb.hidden_delta(d2, a, u, S[0], f, col[i], one_round, one)
+            else:
+                _hidden_delta(d2, a, u, Sk if s is not None else None, f, q, col[i], one_round, ones)
+            np.matmul(d2[:, :h].T, x, out=P1)  # h rows, not h + 1: an odd width is 1.3× slower here
+            gW1 += P1
+            if one_round:
+                np.matmul(f[:, :h].T, x, out=P1)
+                fx += P1
     cs = col.sum(axis=0, dtype=np.float64)
     parts = [gW1.ravel(), gW2b[:, :h].ravel(), cs[0, :h], gW2b[:, h], [sq.sum(dtype=np.float64)],
-             cs[1, :h]]
+             cs[1, :h], cs[2, :h]]
     if one_round:
-        parts += [fx.ravel(), cs[2, :h]]
+        parts += [fx.ravel(), cs[3, :h]]
     return Sums(m, np.concatenate(parts))
 
 
 @pinned
 def shard_sums(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> Sums:
     """One-round sums of a shard: everything the exact cost needs, in one pass."""
-    return backward(theta, X, forward(theta, X, config), None, config, one_round=True)
+    return backward(theta, X, hidden_exp(theta, X, config), None, config, one_round=True)
 
 
-def sparsity_delta(p: np.ndarray, config: SAEConfig) -> np.ndarray:
-    """s = β(−ρ/p + (1−ρ)/(1−p)), the derivative of β Σ KL(ρ||p_j) in p, per hidden unit."""
+def _rates(rates: np.ndarray, config: SAEConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(p, 1 − p) from ``rates``: p (h,), or [p | 1 − p] (2h,); each at least ``RATE_FLOOR``."""
+    h = config.n_hidden
+    rates = np.asarray(rates, dtype=np.float64)
+    if rates.shape == (2 * h,):
+        p, q = rates[:h], rates[h:]
+    elif rates.shape == (h,):
+        p, q = rates, 1.0 - rates
+    else:
+        raise DataError(f"firing rates have shape {rates.shape} but n_hidden={h}; pass p ({h},) or "
+                        f"[p | 1 − p] ({2 * h},), hidden_sums(U, config) / m")
+    return np.maximum(p, RATE_FLOOR), np.maximum(q, RATE_FLOOR)
+
+
+def sparsity_delta(rates: np.ndarray, config: SAEConfig) -> np.ndarray:
+    """s = β(−ρ/p + (1−ρ)/(1−p)), the derivative of β Σ KL(ρ||p_j) in p, per hidden unit.
+
+    ``rates`` is p (h,) — then 1 − p is computed here — or [p | 1 − p] (2h,), as
+    ``hidden_sums(U, config) / m`` gives them: exact 1 − p where p rounds to 1.
+    """
+    p, q = _rates(rates, config)
     rho, beta = config.sparsity_target, config.sparsity_weight
-    return beta * (-rho / p + (1.0 - rho) / (1.0 - p))
+    return beta * (-rho / p + (1.0 - rho) / q)
 
 
-def _kl(p: np.ndarray, config: SAEConfig) -> float:
+def _kl(rates: np.ndarray, config: SAEConfig) -> float:
+    """Σ_j KL(ρ || p_j), from p and 1 − p as ``sparsity_delta`` takes them."""
+    p, q = _rates(rates, config)
     rho = config.sparsity_target
-    return float(np.sum(rho * np.log(rho / p) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - p))))
+    return float(np.sum(rho * np.log(rho / p) + (1.0 - rho) * np.log((1.0 - rho) / q)))
 
 
 def _reconstruction_and_decay(theta: np.ndarray, total: Sums, config: SAEConfig) -> tuple[float, np.ndarray]:
@@ -482,14 +589,14 @@ def finish_sums(theta: np.ndarray, total: Sums, config: SAEConfig, s_folded: boo
     """
     h, n, P, m = config.n_hidden, config.n_visible, config.n_params, total.m
     v = total.vec
-    p = v[P + 1 : P + 1 + h] / m
+    rates = v[P + 1 : P + 1 + 2 * h] / m  # [p | 1 − p]
     cost, grad = _reconstruction_and_decay(theta, total, config)
-    cost += config.sparsity_weight * _kl(p, config)
+    cost += config.sparsity_weight * _kl(rates, config)
     if not s_folded:
         g = unpack(grad, config)
-        sm = sparsity_delta(p, config) / m
-        fx = v[P + 1 + h : P + 1 + h + h * n].reshape(h, n)
-        fsum = v[P + 1 + h + h * n :]
+        sm = sparsity_delta(rates, config) / m
+        fx = v[P + 1 + 2 * h : P + 1 + 2 * h + h * n].reshape(h, n)
+        fsum = v[P + 1 + 2 * h + h * n :]
         g.W1[...] += sm[:, None] * fx
         g.b1[...] += sm * fsum
     return cost, grad
@@ -500,12 +607,12 @@ def cost_and_grad(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> tuple[
     """Cost J(θ) and its gradient on the patches X (m, n), in this process.
 
     Two passes over X in cache-sized row chunks: the hidden layer of every row first (for
-    the global firing rates p), then the output layer and the backward pass with the
-    sparsity delta folded in — five m·n·h products in all, no temporaries of size m·n.
+    the global firing rates p and 1 − p), then the output layer and the backward pass with
+    the sparsity delta folded in — five m·n·h products in all, no temporaries of size m·n.
     """
-    A = forward(theta, X, config)
-    p = activation_sums(A, config) / A.shape[0]
-    return finish_sums(theta, backward(theta, X, A, sparsity_delta(p, config), config), config, s_folded=True)
+    U = hidden_exp(theta, X, config)
+    s = sparsity_delta(hidden_sums(U, config) / U.shape[0], config)
+    return finish_sums(theta, backward(theta, X, U, s, config), config, s_folded=True)
 
 
 @pinned
@@ -517,8 +624,7 @@ def minibatch_cost_and_grad(
     The report's SGD (§2.1) steps on this cost and enforces sparsity separately, by nudging
     b1 with the returned per-unit mean activation (h,).
     """
-    A = forward(theta, X, config)
-    sums = backward(theta, X, A, None, config)
+    sums = backward(theta, X, hidden_exp(theta, X, config), None, config)
     cost, grad = _reconstruction_and_decay(theta, sums, config)
     P, h = config.n_params, config.n_hidden
     return cost, grad, sums.vec[P + 1 : P + 1 + h] / sums.m

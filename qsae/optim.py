@@ -41,7 +41,8 @@ import numpy as np
 from scipy.optimize import minimize as scipy_minimize
 
 from .errors import ConfigError, NumericalError
-from .model import SAEConfig, backward, finish_sums, forward, minibatch_cost_and_grad, sparsity_delta, unpack
+from .model import (SAEConfig, backward, finish_sums, hidden_exp, hidden_sums, minibatch_cost_and_grad, sparsity_delta,
+                    unpack)
 
 __all__ = ["METHODS", "OptimizeResult", "IterationInfo", "minimize", "array_sampler"]
 
@@ -407,11 +408,11 @@ def _kl_batch(
     (updated here with this batch's rates) instead of the firing rates of the whole data
     set; the cost is the batch's J (its KL term from the batch's own rates).
     """
-    A = forward(theta, X, config)
-    rate = A[:, : config.n_hidden].mean(axis=0)
+    U = hidden_exp(theta, X, config)
+    rate = hidden_sums(U, config)[: config.n_hidden] / U.shape[0]
     p_hat = rate if p_hat is None else (1.0 - tau) * p_hat + tau * rate
     s = sparsity_delta(np.clip(p_hat, 1e-12, 1.0 - 1e-12), config)
-    cost, grad = finish_sums(theta, backward(theta, X, A, s, config), config, s_folded=True)
+    cost, grad = finish_sums(theta, backward(theta, X, U, s, config), config, s_folded=True)
     return cost, grad, p_hat
 
 

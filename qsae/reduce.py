@@ -35,12 +35,12 @@ import numpy as np
 from .errors import ConfigError, ProtocolError
 from .model import (
     SAEConfig,
-    activation_sums,
     Sums,
     backward,
     cost_and_grad,
     finish_sums,
-    forward,
+    hidden_exp,
+    hidden_sums,
     shard_sums,
     sparsity_delta,
 )
@@ -70,7 +70,7 @@ class ShardState:
         self.X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
         self.config = config
         self.theta: np.ndarray | None = None  # θ of the cached activations
-        self.A: np.ndarray | None = None  # forward(θ, X), kept for the backward round
+        self.A: np.ndarray | None = None  # hidden_exp(θ, X), kept for the backward round
 
     @property
     def m(self) -> int:
@@ -83,8 +83,8 @@ def _op_sums(st: ShardState, theta: np.ndarray) -> np.ndarray:
 
 
 def _op_forward(st: ShardState, theta: np.ndarray) -> np.ndarray:
-    st.theta, st.A = theta, forward(theta, st.X, st.config)  # the caller owns θ and keeps it unchanged
-    return activation_sums(st.A, st.config)
+    st.theta, st.A = theta, hidden_exp(theta, st.X, st.config)  # the caller owns θ and keeps it unchanged
+    return hidden_sums(st.A, st.config)
 
 
 def _op_backward(st: ShardState, s: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ def _op_average(st: ShardState, theta: np.ndarray) -> np.ndarray:
 
 OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {
     "sums": _op_sums,  # θ -> one-round Sums.vec
-    "forward": _op_forward,  # θ -> Σ a2 (h,); caches the activations
+    "forward": _op_forward,  # θ -> [Σ a2 | Σ (1 − a2)] (2h,); caches the hidden layer
     "backward": _op_backward,  # s -> two-round Sums.vec (s folded in)
     "average": _op_average,  # θ -> [m·J_shard, m·∇J_shard]
 }
@@ -134,9 +134,9 @@ def _average_group(theta: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
     """[m·J, m·∇J] of several blocks taken as one shard: ``cost_and_grad`` of their rows
     without concatenating them."""
     cfg = blocks[0].config
-    acts = [forward(theta, st.X, cfg) for st in blocks]
+    acts = [hidden_exp(theta, st.X, cfg) for st in blocks]
     m = sum(st.m for st in blocks)
-    s = sparsity_delta(sum(activation_sums(A, cfg) for A in acts) / m, cfg)
+    s = sparsity_delta(sum(hidden_sums(U, cfg) for U in acts) / m, cfg)
     total = _add([(st.m, backward(theta, st.X, A, s, cfg).vec) for st, A in zip(blocks, acts)])
     cost, grad = finish_sums(theta, total, cfg, s_folded=True)
     return np.concatenate([[cost * m], grad * m])
@@ -180,8 +180,8 @@ class ExactReducer(Reducer):
             return finish_sums(theta, total, cfg, s_folded=False)
         replies = scatter("forward", theta)
         m = sum(k for k, _ in replies)
-        p = sum(v for _, v in replies) / m
-        total = _add(scatter("backward", sparsity_delta(p, cfg)))
+        rates = sum(v for _, v in replies) / m  # [p | 1 − p]
+        total = _add(scatter("backward", sparsity_delta(rates, cfg)))
         return finish_sums(theta, total, cfg, s_folded=True)
 
 

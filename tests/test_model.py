@@ -18,6 +18,8 @@ from qsae.model import (
     cost_and_grad,
     finish_sums,
     forward,
+    hidden_exp,
+    hidden_sums,
     init_params,
     kernel,
     minibatch_cost_and_grad,
@@ -68,6 +70,63 @@ def test_gradient_matches_central_differences(cfg, m):
         num[j] = (cost_and_grad(theta + e, X, cfg)[0] - cost_and_grad(theta - e, X, cfg)[0]) / (2 * eps)
     rel = np.linalg.norm(num - grad[idx]) / np.linalg.norm(num + grad[idx])
     assert rel < 1e-8
+
+
+# Saturation: inputs far outside [0, 1] (issue 15).
+
+
+def saturated_problem(cfg, m, seed=0):
+    """Inputs around 100: most |z| are in the hundreds, so σ(z) rounds to 0 or 1 on most rows."""
+    rng = np.random.default_rng(seed)
+    theta = init_params(cfg, seed=seed + 1)
+    return theta, rng.normal(100, 1, size=(m, cfg.n_visible))
+
+
+@pytest.mark.parametrize("cfg", [SAEConfig(n_visible=3, n_hidden=30), CONFIGS[3]], ids=["sklearn", "odd"])
+def test_saturated_units_cost_a_finite_amount_with_the_exact_gradient(cfg):
+    theta, X = saturated_problem(cfg, 40)
+    A = forward(theta, X, cfg)[:, : cfg.n_hidden]
+    assert np.any(A.mean(axis=0) == 1.0)  # 1 − mean(a2) is 0 for some unit: the old KL term was +inf
+    c, g = cost_and_grad(theta, X, cfg)
+    assert np.isfinite(c) and np.all(np.isfinite(g))
+    c_ref, g_ref = textbook(theta, X, cfg)  # σ(−z) by scipy's expit: an independent 1 − a2
+    assert abs(c - c_ref) <= 1e-12 * abs(c_ref)
+    assert np.max(np.abs(g - g_ref)) <= 1e-10 * np.max(np.abs(g_ref))
+    eps = 1e-6 / 100  # z moves by eps·x ≈ 1e-6 per step
+    h1 = 2 * cfg.n_visible * cfg.n_hidden  # b1's first entry: where the saturated units' KL gradient lands
+    idx = np.r_[0:cfg.n_visible, h1 : h1 + cfg.n_hidden]
+    num = np.empty(idx.size)
+    for j, i in enumerate(idx):
+        e = np.zeros_like(theta)
+        e[i] = eps * (100 if i >= h1 else 1)
+        num[j] = (cost_and_grad(theta + e, X, cfg)[0] - cost_and_grad(theta - e, X, cfg)[0]) / (2 * e[i])
+    # central differences of a cost of ~1e4 with steps of 1e-6 in z: rounding of about 1e-16·1e4/1e-6 = 1e-6 absolute
+    np.testing.assert_allclose(g[idx], num, rtol=1e-5, atol=1e-4)
+
+
+def test_saturated_units_one_round_equals_two_rounds():
+    cfg = SAEConfig(n_visible=3, n_hidden=30)
+    theta, X = saturated_problem(cfg, 1000, seed=3)
+    c, g = finish_sums(theta, shard_sums(theta, X[:400], cfg) + shard_sums(theta, X[400:], cfg), cfg, s_folded=False)
+    c_ref, g_ref = cost_and_grad(theta, X, cfg)
+    assert abs(c - c_ref) <= 1e-12 * abs(c_ref)
+    assert np.linalg.norm(g - g_ref) <= 1e-10 * np.linalg.norm(g_ref)
+
+
+@pytest.mark.filterwarnings("error")  # nor any overflow or invalid-value warning on the way
+def test_float32_saturated_units_stay_finite():
+    """float32's e^−z underflows past z ≈ 103: such units count at RATE_FLOOR, finite all the same."""
+    cfg = SAEConfig(n_visible=3, n_hidden=30)
+    theta, X = saturated_problem(cfg, 50, seed=4)
+    theta *= 20  # |z| in the thousands: e^−z is 0 or ∞ in float32 and in float64
+    for dtype in (np.float32, np.float64):
+        c, g = cost_and_grad(theta, X.astype(dtype), cfg)
+        assert np.isfinite(c) and np.all(np.isfinite(g))
+        v = shard_sums(theta, X.astype(dtype), cfg)
+        c1, g1 = finish_sums(theta, v, cfg, s_folded=False)
+        assert np.isfinite(c1) and np.all(np.isfinite(g1))
+    c_ref, g_ref = textbook(theta, X, cfg)
+    assert np.isfinite(c_ref) and c == pytest.approx(c_ref, rel=1e-12)
 
 
 ROWS = chunk_rows(SAEConfig())  # the same for the report's and UFLDL's n = 64
@@ -218,12 +277,16 @@ def test_float32_two_round_pass_keeps_float32_activations():
     assert np.all(A[:, cfg.n_hidden] == 1.0)  # the ones column, exactly
     A64 = forward(theta, X64, cfg)
     np.testing.assert_allclose(A, A64, rtol=1e-6, atol=1e-7)
-    p = activation_sums(A, cfg) / A.shape[0]
-    assert p.dtype == np.float64
-    np.testing.assert_allclose(p, A64[:, : cfg.n_hidden].mean(axis=0), rtol=1e-6)
-    s = sparsity_delta(p, cfg)
-    v32 = backward(theta, X32, A, s, cfg).vec
-    v64 = backward(theta, X64, A64, s, cfg).vec
+    U = hidden_exp(theta, X32, cfg)
+    assert U.dtype == np.float32 and np.all(U[:, cfg.n_hidden] == 0.0)  # the bias unit: e^−∞, exactly
+    U64 = hidden_exp(theta, X64, cfg)
+    rates = hidden_sums(U, cfg) / U.shape[0]
+    assert rates.dtype == np.float64
+    a64 = A64[:, : cfg.n_hidden]
+    np.testing.assert_allclose(rates, np.concatenate([a64.mean(axis=0), (1 - a64).mean(axis=0)]), rtol=1e-6)
+    s = sparsity_delta(rates, cfg)
+    v32 = backward(theta, X32, U, s, cfg).vec
+    v64 = backward(theta, X64, U64, s, cfg).vec
     assert v32.dtype == np.float64
     assert np.linalg.norm(v32 - v64) <= 1e-5 * np.linalg.norm(v64)
 
@@ -260,12 +323,14 @@ def test_float32_minibatch_rates_are_float64():
     np.testing.assert_allclose(rates, rates_ref, rtol=1e-6)
 
 
-def test_activations_of_another_shard_are_refused():
+def test_hidden_layer_of_another_shard_is_refused():
     cfg = SAEConfig()
     theta, X = problem(cfg, 10)
-    A = forward(theta, X[:9], cfg)
-    with pytest.raises(DataError, match=r"activations have shape \(9, 31\).*forward\(theta, X, config\)"):
-        backward(theta, X, A, None, cfg)
+    U = hidden_exp(theta, X[:9], cfg)
+    with pytest.raises(DataError, match=r"hidden layer has shape \(9, 31\).*hidden_exp\(theta, X, config\)"):
+        backward(theta, X, U, None, cfg)
+    with pytest.raises(DataError, match=r"rates have shape \(7,\) but n_hidden=30"):
+        sparsity_delta(np.full(7, 0.1), cfg)
 
 
 # The kernel switch.
@@ -278,11 +343,13 @@ def test_kernel_paths_agree(kernel_path):
     cfg = SAEConfig.report()
     theta, X32, X64 = float32_problem(cfg, 2 * ROWS + 5)
     for X, tol in ((X64, 1e-13), (X32, 1e-6)):
-        A = forward(theta, X, cfg)
-        s = sparsity_delta(activation_sums(A, cfg) / A.shape[0], cfg)
-        got = [A, backward(theta, X, A, s, cfg).vec, shard_sums(theta, X, cfg).vec]
+        U = hidden_exp(theta, X, cfg)
+        s = sparsity_delta(hidden_sums(U, cfg) / U.shape[0], cfg)
+        got = [forward(theta, X, cfg), hidden_sums(U, cfg), backward(theta, X, U, s, cfg).vec,
+               shard_sums(theta, X, cfg).vec]
         set_kernel("numpy")
-        ref = [forward(theta, X, cfg), backward(theta, X, A, s, cfg).vec, shard_sums(theta, X, cfg).vec]
+        ref = [forward(theta, X, cfg), hidden_sums(U, cfg), backward(theta, X, U, s, cfg).vec,
+               shard_sums(theta, X, cfg).vec]
         set_kernel(kernel_path)
         for g, r in zip(got, ref):
             assert np.linalg.norm(g - r) <= tol * np.linalg.norm(r)
@@ -303,7 +370,7 @@ def test_numba_kernel_without_numba_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "qsae._kernels", None)  # as if numba were not installed
     monkeypatch.delenv("QSAE_KERNEL", raising=False)
-    with pytest.raises(ConfigError, match=r"pip install 'qsae\[fast\]'.*QSAE_KERNEL=numpy"):
+    with pytest.raises(ConfigError, match=r"pip install numba.*QSAE_KERNEL=numpy"):
         set_kernel("numba")
     assert set_kernel() == "numpy"  # the default falls back quietly
     cfg = SAEConfig()
