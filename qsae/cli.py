@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, default=10, help="iterations between checkpoints of model.npz")
     run.add_argument("--threads", type=int, default=1,
                      help="BLAS threads of the master's own arithmetic (--local) and of each worker")
+    run.add_argument("--dashboard", default="127.0.0.1:0", metavar="ADDR:PORT|off",
+                     help="serve a live page of the run there (port 0: any free one; its URL is printed at the start; "
+                          "an address other than loopback gets a token in the URL)")
     talk = run.add_mutually_exclusive_group()
     talk.add_argument("-q", "--quiet", action="store_true", help="no per-iteration or worker lines, warnings only")
     talk.add_argument("-v", "--verbose", action="store_true", help="debug lines, paramiko's too")
@@ -154,6 +157,9 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     need(args.checkpoint_every >= 0, f"--checkpoint-every {args.checkpoint_every}: give >= 0 (0: at the end only)")
     need(args.threads >= 1, f"--threads {args.threads}: give >= 1 BLAS threads")
     need(0 <= args.port <= 65535, f"--port {args.port}: give 0 (any free port) or a port from 1 to 65535")
+    from .dashboard import parse_address
+
+    parse_address(args.dashboard)  # ADDR:PORT or off, else a ConfigError naming the forms
     need(args.hidden is None or args.hidden >= 1, f"--hidden {args.hidden}: give >= 1 hidden units (e.g. 30)")
     for flag, value in (("--weight-decay", args.weight_decay), ("--beta", args.beta)):
         need(value is None or value >= 0, f"{flag} {value}: give a number >= 0")
@@ -322,6 +328,7 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
         print(f"{args.resume} already has {done} iterations (--iters {args.iters}): nothing to do")
         return 0
     _open_log(args)  # the first thing written
+    board = _start_dashboard(args)  # before the workers start: the page sees them join
     if args.resume is not None:
         print(f"resuming {args.resume} at iteration {done} with {args.optimizer}"
               + ("; L-BFGS starts with an empty memory (its curvature pairs are not saved)"
@@ -329,7 +336,9 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
     echo = (lambda s: None) if args.quiet else print
     spec = RunSpec(config=cfg, data=spec_data.to_dict(), method=args.optimizer, maxiter=args.iters - done,
                    out=args.out, checkpoint_every=args.checkpoint_every, start_iteration=done,
-                   start_seconds=plan["seconds"], meta={"sigma": plan["sigma"], "dtype": args.dtype})
+                   start_seconds=plan["seconds"], meta={"sigma": plan["sigma"], "dtype": args.dtype,
+                                                      "protocol": "local" if args.local else args.protocol,
+                                                      "resumed": _resumed(args, done)})
     needs_local_X = args.local or args.optimizer == "sgd"
     dtype = {} if args.dtype == "float64" else {"dtype": np.dtype(args.dtype)}
     X = sample_patches(plan["images"], spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed,
@@ -340,12 +349,14 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
         spec.options = {"sampler": array_sampler(X), "config": cfg, "seed": args.seed}
     if args.local:
         print(f"qsae {__version__}: {cfg}, {X.shape[0]} patches, in this process")
-        result = train(lambda th: cost_and_grad(th, X, cfg), plan["theta0"], spec, echo=echo)
+        result = train(lambda th: cost_and_grad(th, X, cfg), plan["theta0"], spec, echo=echo, dashboard=board)
         return _exit_status(result)
-    with _master(args, cfg, plan["launcher"]) as master:
+    with _master(args, cfg, plan["launcher"], board) as master:
+        if board is not None:
+            board.settings(master=master.address, workers=master.n_workers)
         master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
         print(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
-        result = train(master, plan["theta0"], spec, echo=echo)
+        result = train(master, plan["theta0"], spec, echo=echo, dashboard=board)
     return _exit_status(result)
 
 
@@ -383,7 +394,42 @@ def _master_keywords(args: argparse.Namespace) -> dict:
     return out
 
 
-def _master(args: argparse.Namespace, cfg, launcher=None):
+def _start_dashboard(args: argparse.Namespace):
+    """The run's live page (None with --dashboard off); its URL printed, closed by master_main."""
+    from .dashboard import Dashboard
+
+    if args.dashboard.strip().lower() == "off":
+        return None
+    board = Dashboard(args.dashboard).start()  # a port in use: a ConfigError naming --dashboard
+    _boards.append(board)
+    print(f"dashboard: {board.url}", flush=True)
+    return board
+
+
+def _resumed(args: argparse.Namespace, done: int) -> list[int]:
+    """The iterations at which this run was resumed, this one included (for qsae-report)."""
+    if args.resume is None:
+        return []
+    from .train import load_model
+
+    return [*load_model(args.resume / "model.npz")[2].get("resumed", []), done]
+
+
+_boards: list = []  # the dashboards this process started (closed at the end of master_main)
+
+
+def _fan_out(*hooks):
+    """One on_event that calls each hook given (None skipped) in turn."""
+    hooks = [h for h in hooks if h is not None]
+
+    def on_event(event: dict) -> None:
+        for hook in hooks:
+            hook(event)
+
+    return on_event
+
+
+def _master(args: argparse.Namespace, cfg, launcher=None, board=None):
     from .master import Master
 
     options = dict(config=cfg, protocol=args.protocol, port=args.port, keys=args.keys,
@@ -392,6 +438,8 @@ def _master(args: argparse.Namespace, cfg, launcher=None):
         options["curve"] = False
     if args.bind:
         options["bind"] = args.bind
+    if board is not None:  # the page hears of joins, losses and moves as workers.jsonl does
+        options["on_event"] = _fan_out(options.get("on_event"), board.on_event)
     if launcher is not None:
         return Master(launcher=launcher, **options)
     if args.wait_for is not None:
@@ -484,6 +532,8 @@ def master_main(argv: list[str] | None = None) -> int:
         print("qsae-master: interrupted", file=sys.stderr)
         return 130
     finally:
+        while _boards:
+            _boards.pop().close()
         while _handlers:  # in-process callers (tests) run master_main again
             h = _handlers.pop()
             logging.getLogger().removeHandler(h)

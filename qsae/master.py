@@ -175,6 +175,7 @@ class Master:
         self._evals, self._balanced_at = 0, 0  # evaluations; the one of the last balance check
         self._round = 0
         self.stats: collections.Counter = collections.Counter()  # rounds, backups, blocks moved, ...
+        self.backups_by: collections.Counter = collections.Counter()  # worker name -> late blocks it computed too
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -694,6 +695,7 @@ class Master:
                  w.name if w else "?", time.monotonic() - rnd.started, rnd.predicted.get(straggler) or float("nan"),
                  ", ".join(self._workers[k].name for k in backups))
         self.stats["backups"] += 1
+        self.backups_by.update({self._workers[k].name: len(ids) for k, ids in backups.items()})
         for ident, ids in backups.items():
             self._send_frames(ident, (ident, encode(EVAL, rnd.number, [arg], op=rnd.op, ids=ids)[0], data))
 

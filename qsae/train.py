@@ -110,12 +110,16 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: Callable[[str], None] = print):
+def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: Callable[[str], None] = print,
+          dashboard=None):
     """Run the optimizer, printing a line per iteration and saving the run's files.
 
     Returns the optimizer's result; on Ctrl-C or SIGTERM the result of the last completed
     iteration (its message says so) after everything has been saved. ``finished`` in
     model.npz is true for a run that ended by itself (converged or ran its iterations).
+
+    ``dashboard``: a started ``qsae.dashboard.Dashboard`` to feed, or an address
+    ("127.0.0.1:0") to start one for this call (its URL is echoed; closed at the end).
     """
     from .optim import minimize
 
@@ -129,6 +133,9 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
     hist_file = open(hist_path, "a" if k0 else "w")
     best = {"theta": np.array(theta0, dtype=float), "iteration": None, "seconds": s0}
     terminated = []
+    board, own_board = _dashboard(dashboard, echo)
+    if board is not None:
+        objective = board_feed(board, objective, spec, read_history(hist_path))
 
     def checkpoint(theta: np.ndarray, iteration: int, seconds: float, finished: bool) -> None:
         save_model(
@@ -146,6 +153,8 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
         it, cost, gnorm, secs = k0 + info.iteration, info.cost, info.grad_norm, s0 + info.seconds
         write_line(it, secs, cost, gnorm)  # first: Ctrl-C in what follows loses no line
         best.update(theta=np.array(info.x, dtype=float), iteration=it, seconds=secs)
+        if board is not None:  # a few appends under a lock; the page renders in its own thread
+            board.iteration(it, secs, cost, gnorm, best["theta"])
         eta = ""
         if info.iteration > 0 and spec.maxiter > info.iteration:
             eta = f"  eta {_duration(info.seconds / info.iteration * (spec.maxiter - info.iteration))}"
@@ -167,20 +176,67 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
             checkpoint(best["theta"], best["iteration"], best["seconds"], False)
             e.add_note(f"the last good θ (iteration {best['iteration']}) is saved in {out / 'model.npz'}; "
                        f"continue with --resume {out}")
+        if board is not None:
+            board.end(f"failed: {e}")
         raise
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
         hist_file.close()
+        if own_board:
+            board.close()
     _complete_history(hist_path, result, k0, s0)
     if terminated:
         result.message = "stopped by SIGTERM"
     finished = result.status not in (99, 130)  # ended by itself: converged, or ran its iterations
     checkpoint(result.x, k0 + result.nit, s0 + (result.history[-1][1] if result.history else 0.0), finished)
     _pictures(out, result, spec.config)
+    if board is not None and not own_board:
+        board.end(result.message, (k0 + result.nit, np.array(result.x, dtype=float)))
     print(f"{result.message}: {result.nit} iterations, {result.nfev} evaluations, cost {result.fun:.8f}, "
          f"{time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, history.jsonl")
     return result
+
+
+def _dashboard(dashboard, echo: Callable[[str], None]):
+    """(board, started here): a Dashboard given, or one started from an address."""
+    if dashboard is None or dashboard is False:
+        return None, False
+    if isinstance(dashboard, str):
+        from .dashboard import Dashboard
+
+        board = Dashboard(dashboard).start()
+        echo(f"dashboard: {board.url}")
+        return board, True
+    return dashboard, False
+
+
+def board_feed(board, objective: Objective, spec: RunSpec, history: list[dict]) -> Objective:
+    """Tell ``board`` of the run (settings, earlier history) and return the objective wrapped
+    to count evaluations and, for a Master, to publish its workers' table now and then."""
+    from .dashboard import WORKERS_EVERY
+
+    meta = spec.meta
+    board.settings(model=spec.config.to_dict(), data=spec.data, optimizer=spec.method, dtype=meta.get("dtype"),
+                   protocol=getattr(getattr(objective, "reducer", None), "name", None) or meta.get("protocol"),
+                   iterations=spec.start_iteration + spec.maxiter, out=str(spec.out))
+    board.begin(spec.start_iteration + spec.maxiter, spec.start_iteration,
+                [h for h in history if h["iteration"] <= spec.start_iteration] if spec.start_iteration else [],
+                spec.config)
+    status = getattr(objective, "status", None)
+    count, last = [0], [0.0]
+
+    def counted(theta: np.ndarray):
+        out = objective(theta)
+        count[0] += 1
+        board.evaluations(count[0])
+        now = time.monotonic()
+        if status is not None and now - last[0] >= WORKERS_EVERY:  # ~10 µs for a few workers
+            last[0] = now
+            board.workers(status(), getattr(objective, "backups_by", None))
+        return out
+
+    return counted
 
 
 def _complete_history(path: Path, result, k0: int, s0: float) -> None:
