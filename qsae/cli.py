@@ -154,6 +154,7 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     need(args.patches >= 1, f"--patches {args.patches}: give the number of patches, >= 1 (e.g. 10000)")
     need(args.patch_size >= 1, f"--patch-size {args.patch_size}: give the patch side in pixels, >= 1 (e.g. 8)")
     need(args.iters >= 1, f"--iters {args.iters}: give the number of optimizer iterations, >= 1 (e.g. 400)")
+    need(0 <= args.seed < 2**63, f"--seed {args.seed}: give a whole number from 0 to 2^63 - 1 (e.g. 0)")
     need(args.checkpoint_every >= 0, f"--checkpoint-every {args.checkpoint_every}: give >= 0 (0: at the end only)")
     need(args.threads >= 1, f"--threads {args.threads}: give >= 1 BLAS threads")
     need(0 <= args.port <= 65535, f"--port {args.port}: give 0 (any free port) or a port from 1 to 65535")
@@ -254,10 +255,7 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
 
     _check_args(args, given)
     if args.resume is not None:
-        try:
-            theta0, cfg, meta = load_model(args.resume / "model.npz")
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"--resume {args.resume}: cannot read {args.resume / 'model.npz'} ({e})") from e
+        theta0, cfg, meta = load_model(args.resume / "model.npz")  # a DataError naming the file
         wrong = _contradictions(args, given, cfg, meta["data"], meta)
         if wrong:
             raise ConfigError(f"--resume {args.resume}: {'; '.join(wrong)}: a resumed run keeps its data, model and "
@@ -271,14 +269,24 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
         cfg, spec_data, done, seconds = _config(args), _data_spec(args), 0, 0.0
         theta0 = init_params(cfg, seed=args.seed)
     images = spec_data.images()  # unreadable or missing images fail here, before any worker starts
-    from .data import check_patches_match, patch_sigma, sample_patches
+    from .data import check_images, check_patches_match, patch_sigma, sample_patches
+    from .train import check_size
 
     check_patches_match(spec_data.patch_size, cfg.n_visible)
-    sigma = patch_sigma(images, spec_data.patch_size, spec_data.seed)
-    sample_patches(images, spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed, lo=0, hi=1, sigma=sigma)
+    check_images(images, spec_data.patch_size, f"--images {spec_data.source}")  # too small, wrong shape: one line
     _master_keywords(args)  # a flag this master cannot honour fails here, not after the log is opened
     launcher = _launcher(args)  # a bad hosts file, or --slurm outside an allocation, fails here too
     n = launcher.n_workers if launcher is not None else _n_workers(args)
+    # too many parameters for L-BFGS, or more memory than this machine has: now, not minutes later
+    check_size(cfg, spec_data.m, args.dtype, args.optimizer, n,
+               local_workers=launcher is None and args.wait_for is None)
+    sigma = patch_sigma(images, spec_data.patch_size, spec_data.seed)
+    if not sigma > 0:
+        raise ConfigError(f"--patch-size {spec_data.patch_size} on --images {spec_data.source}: every patch is flat once "
+                          "its mean is removed (σ = 0), so there is nothing to learn: "
+                          + ("give --patch-size 2 or more (e.g. 8)" if spec_data.patch_size == 1 else
+                             "give images with some contrast"))
+    sample_patches(images, spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed, lo=0, hi=1, sigma=sigma)
     if n is not None and spec_data.m < n:
         raise ConfigError(f"--patches {spec_data.m} is fewer than the {n} workers: give --patches >= {n}, fewer "
                           f"workers, or --local")

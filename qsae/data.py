@@ -36,6 +36,7 @@ from .errors import ConfigError, DataError
 __all__ = [
     "BUILTIN_IMAGES",
     "DataSpec",
+    "check_images",
     "check_patches_match",
     "extract_patches",
     "load_images",
@@ -122,6 +123,9 @@ def _from_npy(path: Path) -> list[np.ndarray]:
         a = a[None]
     if a.ndim != 3:
         raise DataError(f"{path}: array of shape {a.shape}; expected (k, height, width) or (height, width)")
+    if a.shape[2] in (3, 4) and a.shape[0] > a.shape[2] and a.shape[1] > a.shape[2]:
+        raise DataError(f"{path}: array of shape {a.shape} looks like one colour image (height, width, channels); "
+                        "save grey images as (k, height, width), e.g. skimage.color.rgb2gray(image)[None]")
     return [np.ascontiguousarray(x) for x in a]
 
 
@@ -231,6 +235,12 @@ def _check_images(images: Sequence[np.ndarray], patch_size: int, where: str = "i
         _check_finite(img, f"{where}: image {i}")
 
 
+def check_images(images: Sequence[np.ndarray], patch_size: int, where: str = "images") -> None:
+    """Raise a DataError naming ``where``, the image and the fix unless every image is a finite
+    2-D array at least ``patch_size`` on a side (the one check of every patch cutter)."""
+    _check_images(images, patch_size, where)
+
+
 def _positions(shapes: np.ndarray, seed: int, patch_size: int, k: int) -> tuple[np.ndarray, ...]:
     """Image index, row and column of the BLOCK patches of block k."""
     rng = np.random.default_rng([seed, k])
@@ -285,7 +295,14 @@ def _normalize_(P: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def patch_sigma(images: Sequence[np.ndarray], patch_size: int = 8, seed: int = 0) -> float:
-    """σ of the mean-subtracted pixels of the reference sample (the first SIGMA_SAMPLE patches)."""
+    """σ of the mean-subtracted pixels of the reference sample (the first SIGMA_SAMPLE patches).
+
+    The images are checked first (2-D, finite, at least patch_size on a side): a DataError
+    naming the image and the fix, never an IndexError or a huge allocation."""
+    if int(patch_size) != patch_size or patch_size < 1:
+        raise ConfigError(f"patch_size={patch_size!r} must be a positive integer, e.g. 8")
+    images = [np.asarray(img, dtype=np.float64) for img in images]
+    _check_images(images, patch_size)
     P = _raw(images, patch_size, seed, 0, SIGMA_SAMPLE)
     P -= P.mean(axis=1, keepdims=True)
     return float(P.std())

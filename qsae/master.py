@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import statistics
 import threading
 import time
@@ -212,7 +213,17 @@ class Master:
             return self.members.status()
 
     def start(self) -> None:
-        """Bind, start the workers (if a launcher is set) and wait for ``min_workers`` HELLOs."""
+        """Bind, start the workers (if a launcher is set) and wait for ``min_workers`` HELLOs.
+
+        Whatever fails on the way (the port is taken, the address is not this machine's, the
+        workers do not come) closes what was opened before the error is raised."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         if self.launcher is not None:
             self.launcher.prepare()
         self._ctx = zmq.Context()
@@ -224,13 +235,21 @@ class Master:
             self._gate = CurveGate(self._ctx, self.keys)
             self._gate.secure(sock)  # before bind
             self.server_public = self._gate.public  # z85; workers need it to connect
+        self._sock = sock  # from here close() releases it, whatever fails next (else ctx.term() waits forever)
         host = self.bind or (self.launcher.bind_address() if self.launcher is not None else "127.0.0.1")
-        if self.port:
-            sock.bind(f"tcp://{host}:{self.port}")
-            port = self.port
-        else:
-            port = sock.bind_to_random_port(f"tcp://{host}")
-        self._sock = sock
+        try:
+            if self.port:
+                sock.bind(f"tcp://{host}:{self.port}")
+                port = self.port
+            else:
+                port = sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as e:
+            where = f"{host}:{self.port}" if self.port else f"{host} (any free port)"
+            fix = ("another process holds the port: give another --port (port=), or 0 for any free one"
+                   if e.errno == zmq.EADDRINUSE else
+                   f"{host!r} is not an address of this machine: give --bind (bind=) one of its addresses "
+                   "(e.g. 127.0.0.1, 0.0.0.0 for all), or leave it out")
+            raise ConfigError(f"the master cannot listen on tcp://{where}: {os.strerror(e.errno)}; {fix}") from None
         if self._gate is not None:
             self._gate.watch(sock)
         self._poller = zmq.Poller()  # one for the run: building one per poll costs µs a round
@@ -310,7 +329,7 @@ class Master:
         if self._sock is not None:
             self._sock.close(linger=0)
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # closes any socket still open (a failed start's): never waits
 
     # ------------------------------------------------------------------ messages
     def _send(self, ident: bytes, type: str, round: int = 0, arrays=(), **fields) -> None:

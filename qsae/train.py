@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import QsaeError
+from .errors import DataError, QsaeError
 from .model import SAEConfig
 
-__all__ = ["RunSpec", "save_model", "load_model", "read_history", "train"]
+__all__ = ["RunSpec", "check_size", "load_model", "memory_needed", "read_history", "save_model", "train"]
 
 log = logging.getLogger("qsae.train")
 
@@ -78,10 +78,138 @@ def save_model(path: str | os.PathLike, theta: np.ndarray, config: SAEConfig, da
 
 
 def load_model(path: str | os.PathLike) -> tuple[np.ndarray, SAEConfig, dict]:
-    """Load (θ, config, meta) written by ``save_model``; meta holds "data" and the rest."""
-    with np.load(Path(path), allow_pickle=False) as z:
-        theta, meta = z["theta"], json.loads(str(z["meta"]))
-    return theta, SAEConfig.from_dict(meta.pop("config")), meta
+    """Load (θ, config, meta) written by ``save_model``; meta holds "data" and the rest.
+
+    Raises
+    ------
+    DataError
+        The file is missing, truncated, not an .npz, or not one ``save_model`` wrote (no
+        θ or settings, θ of the wrong size); one line naming the file.
+    """
+    path = Path(path)
+    expected = "expected a model.npz written by qsae-master or SparseAutoencoder.save"
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):  # a plain .npy array, not an archive
+                raise ValueError("a single array, not an .npz archive")
+            missing = [k for k in ("theta", "meta") if k not in z.files]
+            if missing:
+                raise ValueError(f"it has no {' or '.join(missing)} (it holds {sorted(z.files)})")
+            theta, meta = np.asarray(z["theta"], dtype=np.float64), json.loads(str(z["meta"]))
+        config = SAEConfig.from_dict(meta.pop("config"))
+    except DataError:
+        raise
+    except Exception as e:  # BadZipFile, EOFError, pickled or text content, bad JSON, bad settings, ...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "allow_pickle" in detail or "pickled" in detail:  # numpy read a text or pickle file as a pickle
+            detail = "not an .npz archive"
+        raise DataError(f"cannot read {path} as a qsae model ({detail}): is it truncated or another file? "
+                        f"{expected}") from None
+    if theta.shape != (config.n_params,):
+        raise DataError(f"{path}: θ has shape {theta.shape} but its settings need ({config.n_params},): the file is "
+                        f"damaged; {expected}")
+    return theta, config, meta
+
+
+# ---------------------------------------------------------------------- sizes (checked before anything starts)
+LBFGS_MEMORY = 10  # scipy L-BFGS-B's maxcor as optim.minimize sets it: correction pairs kept
+_INT32_MAX = 2**31 - 1  # scipy's L-BFGS-B indexes its workspace with C ints: past this it writes out of bounds
+WORKER_BASELINE = 160 << 20  # bytes a worker holds before any data (Python, numpy, numba): 159 MiB measured
+SIGMA_SAMPLE_BYTES = 2 * 8  # per pixel of σ's reference sample: the float64 patches and their mean-free copy
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+
+def lbfgs_limit(maxcor: int = LBFGS_MEMORY) -> int:
+    """The most parameters scipy's L-BFGS-B takes: its workspace, (2·maxcor + 5)·n + 11·maxcor² +
+    8·maxcor doubles, is indexed with 32-bit ints (100M parameters crashed it with SIGSEGV)."""
+    return (_INT32_MAX - 11 * maxcor * maxcor - 8 * maxcor) // (2 * maxcor + 5)
+
+
+def memory_needed(config: SAEConfig, m: int, dtype: str = "float64", method: str = "lbfgs",
+                  workers: int | None = None) -> tuple[int, int]:
+    """(bytes per worker, bytes on the master) a run needs at least, from the sizes alone.
+
+    A worker (``workers`` of them; None: the cost is computed in this process) holds its share
+    of the m rows (n values each) and, between the exact protocol's two rounds, their hidden
+    activations (h + 1 values each), besides ``WORKER_BASELINE``. In this process (``--local``,
+    and SGD's sampler) the patches are built in float64 and then cast. The optimizer keeps
+    vectors of θ: L-BFGS 2·maxcor + 5 of them, CG and SGD about 5.
+    """
+    n, h = config.n_visible, config.n_hidden
+    size = np.dtype(dtype).itemsize
+    sigma = 10_000 * n * SIGMA_SAMPLE_BYTES  # data.SIGMA_SAMPLE patches, once on every process
+    vectors = (2 * LBFGS_MEMORY + 5) if method == "lbfgs" else 5
+    master = vectors * config.n_params * 8 + sigma
+    in_process = workers is None or method == "sgd"
+    if in_process:
+        master += m * n * 8 + (m * n * size if size != 8 else 0) + m * (h + 1) * size
+    per_worker = 0
+    if workers:
+        per_worker = WORKER_BASELINE + sigma + -(-m // workers) * (n + h + 1) * size
+    return per_worker, master
+
+
+def check_size(config: SAEConfig, m: int, dtype: str = "float64", method: str = "lbfgs",
+               workers: int | None = None, local_workers: bool = True) -> None:
+    """Refuse, before anything starts, a run that cannot work for its size alone.
+
+    Parameters
+    ----------
+    config, m, dtype, method : the model, the number of patches, their dtype, the optimizer.
+    workers : how many workers share the rows (None: computed in this process).
+    local_workers : the workers run on this machine (their memory adds up here); for workers
+        on other hosts only this process's own share is judged here (each worker checks its
+        blocks against its own host's memory when it cuts them).
+
+    Raises
+    ------
+    ConfigError
+        Too many parameters for scipy's L-BFGS (it would crash) or for a message to the
+        workers, or more memory than this machine has; the message gives the sizes and the fix.
+    """
+    from .errors import ConfigError
+    from .protocol import MAX_ARRAY_BYTES
+
+    side = int(round(config.n_visible ** 0.5))
+    what = (f"--hidden {config.n_hidden} with --patch-size {side} makes {config.n_params:,} parameters "
+            f"(2·{config.n_visible}·{config.n_hidden} + {config.n_hidden} + {config.n_visible})")
+    if method == "lbfgs" and config.n_params > lbfgs_limit():
+        raise ConfigError(f"{what}; scipy's L-BFGS takes at most {lbfgs_limit():,} (its workspace is indexed with "
+                          "32-bit integers and it would crash): give fewer --hidden units or a smaller --patch-size")
+    if workers and config.n_params * 8 > MAX_ARRAY_BYTES:
+        raise ConfigError(f"{what}; θ ({_gib(config.n_params * 8)}) is over the {MAX_ARRAY_BYTES >> 20} MiB a "
+                          "message to the workers carries: give fewer --hidden units or a smaller --patch-size, "
+                          "or --local")
+    total = physical_memory()
+    if total is None:
+        return
+    per_worker, master = memory_needed(config, m, dtype, method, workers)
+    here = master + (per_worker * workers if workers and local_workers else 0)
+    if here <= total:
+        return
+    if workers and local_workers:
+        need = f"about {_gib(per_worker)} per worker, {_gib(here)} in all on this machine ({workers} workers)"
+    elif workers:
+        need = f"about {_gib(master)} on the master (and {_gib(per_worker)} per worker)"
+    else:
+        need = f"about {_gib(master)} in this process"
+    raise ConfigError(f"--patches {m:,} of {side}×{side} patches in {dtype} with {config.n_hidden} hidden units "
+                      f"({method}) need {need}, but this machine has {_gib(total)} of memory: give fewer --patches"
+                      + (", --dtype float32" if np.dtype(dtype).itemsize > 4 else "")
+                      + ", or spread the rows over more hosts (--hosts, --slurm)")
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:

@@ -434,22 +434,23 @@ class _DropName(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsae-worker`` and ``python -m qsae.worker``."""
     args = _parser().parse_args(argv)
+    from .errors import QsaeError
+
     if args.stdin:
         line = sys.stdin.readline()
         try:
-            cfg = json.loads(line)
-        except json.JSONDecodeError as e:
-            print(f"qsae-worker: stdin did not hold one JSON line ({e})", file=sys.stderr)
+            cfg = _stdin_config(line)
+        except QsaeError as e:
+            print(f"qsae-worker: error: {e}", file=sys.stderr)
             return 2
     elif args.connect:
-        from .errors import QsaeError
-
         try:
+            connect = parse_connect(args.connect)
             curve = _load_keys(args.keys) if args.keys else None
         except QsaeError as e:
             print(f"qsae-worker: error: {e}", file=sys.stderr)
             return 2
-        cfg = {"connect": args.connect, "curve": curve, "name": args.name, "threads": args.threads}
+        cfg = {"connect": connect, "curve": curve, "name": args.name, "threads": args.threads}
     else:
         print("qsae-worker: give --connect tcp://MASTER:PORT (or --stdin when started by a launcher)", file=sys.stderr)
         return 2
@@ -473,6 +474,60 @@ def main(argv: list[str] | None = None) -> int:
         return worker.run()
     except KeyboardInterrupt:
         return 130
+
+
+def parse_connect(address: str) -> str:
+    """The master's zmq endpoint from ``tcp://HOST:PORT`` or ``HOST:PORT`` (tcp:// added).
+
+    Raises ConfigError naming the address and the form expected: a missing port, another
+    scheme (http://, ...), a port outside 1..65535, or an empty host.
+    """
+    from .errors import ConfigError
+
+    text = str(address).strip()
+    form = "give --connect tcp://HOST:PORT (e.g. tcp://10.0.0.5:5555), the master's --bind address and --port"
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    if scheme != "tcp":
+        raise ConfigError(f"--connect {text}: {scheme}:// is not how workers reach a master; {form}")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not port:
+        raise ConfigError(f"--connect {text}: no port; {form}")
+    if host.startswith("[") and host.endswith("]"):  # [::1]:5555
+        host = host[1:-1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--connect {text}: port {port!r} is not a number from 1 to 65535; {form}")
+    if not host or any(c in host for c in "/ ?#@"):
+        raise ConfigError(f"--connect {text}: {host!r} is not a host name or address; {form}")
+    return f"tcp://{rest}"
+
+
+def _stdin_config(line: str) -> dict:
+    """The launcher's JSON line, checked: a ConfigError naming what is missing or wrong."""
+    from .errors import ConfigError
+
+    try:
+        cfg = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--stdin: stdin did not hold one JSON line ({e}); a launcher writes "
+                          '{"connect": "tcp://HOST:PORT", "curve": null, ...}') from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--stdin: the JSON line is a {type(cfg).__name__}, not an object with \"connect\"")
+    if "connect" not in cfg:
+        raise ConfigError('--stdin: the JSON line has no "connect" (the master\'s tcp://HOST:PORT); '
+                          "start workers with a launcher, or by hand with --connect")
+    cfg["connect"] = parse_connect(cfg["connect"])
+    curve = cfg.get("curve")
+    if curve is not None and not (isinstance(curve, dict)
+                                  and all(isinstance(curve.get(k), str) for k in ("server_public", "public", "secret"))):
+        raise ConfigError('--stdin: "curve" must be null or {"server_public", "public", "secret"} (z85 strings)')
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f'--stdin: "threads" is {threads!r}; give a whole number >= 1')
+    if cfg.get("name") is not None and not isinstance(cfg["name"], str):
+        raise ConfigError(f'--stdin: "name" is {cfg["name"]!r}; give a string or null')
+    return cfg
 
 
 def _load_keys(directory: str) -> dict:

@@ -1,0 +1,230 @@
+"""Issue 15, defects 1-12: hangs, crashes, lost or wrong data, and tracebacks where one line
+belongs. Each test runs the command the issue gives (a real qsae-master or qsae-worker
+process, real sockets and files) and checks the one clear line, the exit status and that
+no work is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsae.errors import ConfigError, DataError
+from qsae.model import SAEConfig
+from qsae.train import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(120)
+
+
+def run(prog: str, *args: str, timeout: float = 60, cwd=None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """bin/PROG ARGS to its end: (returncode, stdout, stderr); a hang fails the test, never blocks it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "bin" / prog), *args], env=env, cwd=cwd, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(prog: str, *args: str, cwd=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "bin" / prog), *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def one_line(err: str) -> str:
+    """The error line of a failed command (qsae-master: error: ...), with no traceback before it."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+# ---------------------------------------------------------------------- 1: a bind failure
+@pytest.mark.parametrize("flag, words", [("--port", "another --port"), ("--bind", "1.2.3.4"),
+                                         ("--bind", "notanaddress")])
+def test_1_a_master_that_cannot_bind_says_so_and_exits_2(tmp_path, busy_port, flag, words):
+    value = str(busy_port) if flag == "--port" else words
+    p = run("qsae-master", "--workers", "2", "--patches", "2000", "--iters", "2", "--out", str(tmp_path / "r"),
+            flag, value)
+    assert p.returncode == 2, p.stderr
+    line = one_line(p.stderr)
+    assert words in line and (str(busy_port) in line if flag == "--port" else "--bind" in line)
+
+
+def test_1_master_in_python_raises_and_closes(busy_port):
+    """`with Master(workers=2, port=busy):` raised nothing and never returned (ctx.term() waited on
+    the unbound socket): in a child process, so that a hang fails instead of blocking."""
+    code = ("import sys\nfrom qsae import Master\nfrom qsae.errors import ConfigError\n"
+            "try:\n    with Master(workers=2, port=int(sys.argv[1])):\n        pass\n"
+            "except ConfigError as e:\n    print('refused:', e)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(busy_port)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
+    assert f"refused: the master cannot listen on tcp://127.0.0.1:{busy_port}" in p.stdout
+
+
+# ---------------------------------------------------------------------- 3, 9: sizes checked first
+def test_3_too_many_parameters_for_lbfgs_is_one_line(tmp_path):
+    p = run("qsae-master", "--local", "--patch-size", "100", "--hidden", "5000", "--patches", "100", "--iters", "2",
+            "--out", str(tmp_path))
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])  # was -11 (SIGSEGV in scipy's _lbfgsb)
+    assert "100,015,000 parameters" in one_line(p.stderr) and "--hidden" in p.stderr
+    assert not (tmp_path / "model.npz").exists()
+
+
+def test_3_the_limit_is_scipys_workspace_index():
+    from qsae.train import check_size, lbfgs_limit
+
+    limit = lbfgs_limit()
+    assert (2 * 10 + 5) * limit + 11 * 100 + 80 <= 2**31 - 1 < (2 * 10 + 5) * (limit + 1) + 11 * 100 + 80
+    cfg = SAEConfig(n_visible=10_000, n_hidden=5_000)
+    with pytest.raises(ConfigError, match="scipy's L-BFGS"):
+        check_size(cfg, 100, method="lbfgs")
+    with pytest.raises(ConfigError, match="64 MiB a message"):  # θ too large to send to workers
+        check_size(SAEConfig(n_visible=900, n_hidden=5000), 100, method="cg", workers=2)
+
+
+@pytest.mark.parametrize("mode, words", [(["--local"], "in this process"), (["--workers", "2"], "per worker")])
+def test_9_a_data_set_larger_than_memory_fails_at_once(tmp_path, mode, words):
+    t0 = time.monotonic()
+    p = run("qsae-master", *mode, "--patches", "1000000000", "--iters", "2", "--out", str(tmp_path / "r"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = one_line(p.stderr)
+    assert words in line and "GiB" in line and "of memory" in line and "--patches" in line
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "r").exists()  # before any worker or file
+
+
+def test_9_memory_needed_counts_rows_and_activations():
+    from qsae.train import WORKER_BASELINE, memory_needed
+
+    cfg = SAEConfig()  # n = 64, h = 30
+    per_worker, master = memory_needed(cfg, 1_000_000, "float32", "lbfgs", workers=2)
+    assert per_worker - WORKER_BASELINE >= 500_000 * (64 + 31) * 4
+    _, local = memory_needed(cfg, 1_000_000, "float32", "lbfgs", workers=None)
+    assert local >= 1_000_000 * 64 * (8 + 4)  # built in float64, then cast
+
+
+# ---------------------------------------------------------------------- 7, 8: one line, not a traceback
+@pytest.fixture
+def odd_images(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, shape in (("tiny", (5, 5)), ("thin", (7, 300))):
+        (tmp_path / name).mkdir()
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(tmp_path / name / "a.png")
+    np.save(tmp_path / "rgb.npy", rng.random((512, 512, 3)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--images", "{d}/tiny"], "5×5, smaller than the 8×8 patch"),
+    (["--images", "{d}/thin"], "7×300, smaller than the 8×8 patch"),
+    (["--images", "{d}/rgb.npy"], "looks like one colour image"),
+    (["--patch-size", "600"], "smaller than the 600×600 patch"),
+    (["--seed", "-1"], "--seed -1"),
+])
+def test_7_8_bad_images_patch_sizes_and_seeds_are_one_line(odd_images, args, words):
+    args = [a.format(d=odd_images) for a in args]
+    p = run("qsae-master", "--local", "--iters", "2", "--out", str(odd_images / "r"), *args)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert words in one_line(p.stderr)
+    assert not (odd_images / "r").exists()
+
+
+def test_7_patch_sigma_checks_the_images_itself():
+    from qsae.data import patch_sigma
+
+    with pytest.raises(DataError, match="smaller than the 8×8 patch"):
+        patch_sigma([np.zeros((5, 5))], 8)
+
+
+# ---------------------------------------------------------------------- 10: junk model.npz
+@pytest.fixture
+def junk_models(tmp_path):
+    from qsae.model import init_params
+    from qsae.train import save_model
+
+    good = save_model(tmp_path / "good.npz", init_params(SAEConfig()), SAEConfig(), {"m": 1})
+    files = {"text": b"hello, this is not a model\n", "random": np.random.default_rng(1).bytes(3000),
+             "truncated": good.read_bytes()[:2000]}
+    out = {}
+    for name, content in files.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.npz").write_bytes(content)
+        out[name] = tmp_path / name
+    np.savez(tmp_path / "other.npz", theta=np.zeros(3))
+    (tmp_path / "other").mkdir()
+    os.replace(tmp_path / "other.npz", tmp_path / "other" / "model.npz")
+    out["other"] = tmp_path / "other"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["text", "random", "truncated", "other"])
+def test_10_a_junk_model_npz_is_one_line_naming_the_file(junk_models, kind):
+    run_dir = junk_models[kind]
+    p = run("qsae-master", "--local", "--resume", str(run_dir), "--iters", "3")
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = one_line(p.stderr)
+    assert str(run_dir / "model.npz") in line and "pickle" not in line
+    from qsae import SparseAutoencoder
+
+    with pytest.raises(DataError, match="model.npz"):
+        SparseAutoencoder.load(run_dir / "model.npz")
+
+
+# ---------------------------------------------------------------------- 12: qsae-worker's arguments
+@pytest.mark.parametrize("address, words", [
+    ("tcp://127.0.0.1", "no port"),
+    ("http://127.0.0.1:5555", "http://"),
+    ("tcp://127.0.0.1:99999", "1 to 65535"),
+    ("127.0.0.1:", "no port"),
+])
+def test_12_a_bad_connect_address_is_one_line(address, words):
+    p = run("qsae-worker", "--connect", address, "--master-timeout", "1", timeout=30)
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = one_line(p.stderr)
+    assert words in line and "tcp://HOST:PORT" in line
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "localhost:{port}"])
+def test_12_host_colon_port_means_tcp(address):
+    """HOST:PORT is read as tcp://HOST:PORT (it was a ZMQError): with no master there, the worker
+    says it could not reach tcp://HOST:PORT."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    address = address.format(port=port)
+    p = run("qsae-worker", "--connect", address, "--master-timeout", "1", timeout=30)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and f"could not reach the master at tcp://{address}" in p.stderr
+
+
+@pytest.mark.parametrize("line, words", [
+    ("{}", '"connect"'),
+    ("[1, 2]", "not an object"),
+    ("not json", "one JSON line"),
+    ('{"connect": "tcp://127.0.0.1"}', "no port"),
+    ('{"connect": "tcp://127.0.0.1:5555", "curve": 3}', '"curve"'),
+])
+def test_12_a_bad_stdin_configuration_is_one_line(line, words):
+    p = run("qsae-worker", "--stdin", stdin=line + "\n", timeout=30)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert words in one_line(p.stderr)
