@@ -126,7 +126,7 @@ def ladder_step(mode: str, theta: np.ndarray, reducer, repeat: int) -> float:
         def scatter(op: str, arg: np.ndarray) -> list:
             rnd[0] += 1
             raw = mode in ("echo", "reply")
-            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op, ids=[0])
+            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op, ids=[0], evaluation=rnd[0])
             for ident in idents:
                 send(router, frames, prefix=(ident,))
             out = []

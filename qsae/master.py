@@ -639,11 +639,11 @@ class Master:
                          for w in active}
             if self._uncovered():  # never add up a partial sum: settle (place the orphans) and run again
                 raise _Lost([], r, RESULT, "a worker left between placing and computing")
-            rnd = Round(r, op, op in PER_BLOCK, assignment, predicted, self._sizes)
+            rnd = Round(r, op, op in PER_BLOCK, assignment, predicted, self._sizes, evaluation=self._evals)
             self.stats["rounds"] += 1
             data = zmq.Frame(arg)  # built once (one copy below 64 KB); libzmq shares it between the messages
             for ident, ids in assignment.items():
-                self._send_frames(ident, (ident, encode(EVAL, r, [arg], op=op, ids=ids)[0], data))
+                self._send_frames(ident, (ident, encode(EVAL, r, [arg], op=op, ids=ids, evaluation=rnd.evaluation)[0], data))
             self._run_round(rnd, arg, data)
         return rnd.replies()
 
@@ -716,7 +716,8 @@ class Master:
         self.stats["backups"] += 1
         self.backups_by.update({self._workers[k].name: len(ids) for k, ids in backups.items()})
         for ident, ids in backups.items():
-            self._send_frames(ident, (ident, encode(EVAL, rnd.number, [arg], op=rnd.op, ids=ids)[0], data))
+            self._send_frames(ident, (ident, encode(EVAL, rnd.number, [arg], op=rnd.op, ids=ids,
+                                                           evaluation=rnd.evaluation)[0], data))
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Cost and gradient at θ over the whole data set: the f(θ) of scipy.optimize.
@@ -745,6 +746,7 @@ class Master:
                     self._lost(lost)
 
     def fit(self, theta0: np.ndarray | None = None, method: str = "lbfgs", maxiter: int = 400, callback=None,
+        self.stats[f"backups of {rnd.op}"] += 1  # which round of the evaluation straggled
             seed: int = 0, **options):
         """Minimise the distributed cost from θ0 (default ``init_params(config, seed)``)."""
         from .model import init_params

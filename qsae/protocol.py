@@ -19,7 +19,9 @@ Message types (direction, fields, arrays):
                                                                the worker cuts them)
     READY   w→m  ids (blocks now held), seconds (to get them)  —
     DROP    m→w  ids (blocks to forget)                        —
-    EVAL    m→w  op (a key of reduce.OPS), ids (blocks)        the argument vector
+    EVAL    m→w  op (a key of reduce.OPS), ids (blocks),       the argument vector
+                 evaluation (whose θ: forward and backward
+                 rounds of one evaluation share it)
     RESULT  w→m  ids, rows, seconds (compute)                  (len(ids), L) per-block results
                                                                ((1, L) for "average")
     PING    both busy                                          —
@@ -55,7 +57,7 @@ __all__ = [
     "MAX_ARRAY_BYTES",
 ]
 
-VERSION = 2  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges
+VERSION = 3  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges; 3: EVAL names its evaluation
 HELLO, SOURCE, BLOCKS, READY, DROP, EVAL, RESULT, PING, PONG, BYE, ERROR, STOP = (
     "HELLO", "SOURCE", "BLOCKS", "READY", "DROP", "EVAL", "RESULT", "PING", "PONG", "BYE", "ERROR", "STOP",
 )
@@ -77,7 +79,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     BLOCKS: {"ids": _IDS},
     READY: {"ids": _IDS, "seconds": _NUM},
     DROP: {"ids": _IDS},
-    EVAL: {"op": _STR, "ids": _IDS},
+    EVAL: {"op": _STR, "ids": _IDS, "evaluation": _INT},
     RESULT: {"ids": _IDS, "rows": _INT, "seconds": _NUM},
     PING: {"busy": _BOOL},
     PONG: {},

@@ -71,6 +71,7 @@ class ShardState:
         self.config = config
         self.theta: np.ndarray | None = None  # θ of the cached activations
         self.A: np.ndarray | None = None  # hidden_exp(θ, X), kept for the backward round
+        self.evaluation: int | None = None  # the evaluation θ and A belong to (the worker's tag)
 
     @property
     def m(self) -> int:

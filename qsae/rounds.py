@@ -39,11 +39,13 @@ class Round:
     assignment : worker -> the blocks it is asked for.
     predicted : worker -> predicted compute seconds (None: unknown).
     sizes : rows of every block.
+    evaluation : the evaluation this round is part of (its θ): a worker keeps a block's
+        activations of the forward round only for the backward round of the same evaluation.
     """
 
     def __init__(self, number: int, op: str, per_block: bool, assignment: dict[Hashable, list[int]],
-                 predicted: dict[Hashable, float | None], sizes: list[int]) -> None:
-        self.number, self.op, self.per_block = number, op, per_block
+                 predicted: dict[Hashable, float | None], sizes: list[int], evaluation: int = 0) -> None:
+        self.number, self.op, self.per_block, self.evaluation = number, op, per_block, evaluation
         self.assignment = {k: list(v) for k, v in assignment.items() if v}
         self.predicted = predicted
         self.sizes = sizes

@@ -38,7 +38,7 @@ INLINE_WORK = 100_000 * 64 * 30  # rows·n·h computed inline (~0.1 s); more run
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, ONE_ROUND, ShardState, run_blocks, sample_patches
+    global np, __version__, ProtocolError, SAEConfig, OPS, ShardState, run_blocks, sample_patches
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
     global SOURCE, STOP
     import numpy as np
@@ -51,7 +51,7 @@ def _load_numerics() -> None:
         BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SOURCE, STOP, decode,
         encode, send,
     )
-    from .reduce import ONE_ROUND, OPS, ShardState, run_blocks
+    from .reduce import OPS, ShardState, run_blocks
     from .model import set_kernel
 
     set_kernel()  # numba's import and compile (1-2 s) before HELLO, not inside the first round
@@ -118,7 +118,8 @@ class Worker:
         self.source: dict | None = None  # the SOURCE message: config, kind, images, dtype, ...
         self.blocks: dict = {}  # block id -> reduce.ShardState, the blocks this worker holds
         self._extra: dict = {}  # blocks cut for a straggler's backup (not held), kept for one evaluation
-        self._theta = None  # θ of the last forward round (a backup's backward needs it)
+        self._evaluation = -1  # the evaluation of the last EVAL (master's number; each θ has its own)
+        self._theta, self._theta_of = None, -1  # θ of the last forward round and its evaluation
         self._last_hello = 0.0
         self._handlers = {PING: lambda msg: self.send(PONG), SOURCE: self._on_source, BLOCKS: self._on_blocks,
                           DROP: self._on_drop, EVAL: self._on_eval}  # by message type; built once
@@ -333,23 +334,31 @@ class Worker:
         log.info("holds %d blocks: -%s", len(self.blocks), _span(msg["ids"]))
 
     # -- rounds
-    def _states(self, op: str, ids: list) -> list:
-        """The blocks to compute: held ones, or (a straggler's, images only) cut now."""
+    def _states(self, op: str, ids: list, evaluation: int) -> list:
+        """The blocks to compute: held ones, or (a straggler's, images only) cut now.
+
+        A backward round uses a block's activations only if they are of this evaluation's θ
+        (tagged by the forward round); otherwise — its forward round was computed elsewhere, by
+        a backup, or these are a backup's of an earlier θ — they are computed again first.
+        """
         if self.source is None:
             raise RuntimeError("EVAL before the data arrived: the worker holds no data")
-        if op in ONE_ROUND:  # a new evaluation: last one's backup blocks are stale
+        if evaluation != self._evaluation:  # a new θ: the backup blocks cut for the last one go
             self._extra = {b: st for b, st in self._extra.items() if b in ids}
         out = []
         for b in ids:
             st = self.blocks.get(b) or self._extra.get(b)
+            self._evaluation = evaluation
             if st is None:
                 if self.source["kind"] != "images":
                     raise ValueError(f"block {b} is not held here and an array source cannot be cut again")
                 st = self._extra[b] = self._cut(b)
-            if op == "backward" and st.A is None:  # a backup of the second round: forward again
-                if self._theta is None:
-                    raise ProtocolError("backward round without a forward round: the worker holds no θ")
-                OPS["forward"](st, self._theta)
+            if op == "backward" and (st.A is None or st.evaluation != evaluation):
+                if self._theta_of != evaluation:
+                    raise ProtocolError(f"backward round of evaluation {evaluation}, but this worker's last forward "
+                                        f"round was of evaluation {self._theta_of}: it holds no θ for it")
+                OPS["forward"](st, self._theta)  # never an older θ's activations
+                st.evaluation = evaluation
             out.append(st)
         return out
 
@@ -357,9 +366,12 @@ class Worker:
         op, arg = msg["op"], msg.arrays[0]
         if op not in OPS:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
-        states = self._states(op, msg["ids"])
+        evaluation = msg["evaluation"]
+        states = self._states(op, msg["ids"], evaluation)
         if op == "forward":
-            self._theta = np.array(arg)
+            self._theta, self._theta_of = np.array(arg), evaluation
+            for st in states:  # tagged before computing: a failed forward leaves A None (never a stale one)
+                st.evaluation, st.A = evaluation, None
         t0 = time.perf_counter()
         cfg = states[0].config
         if sum(st.m for st in states) * cfg.n_visible * cfg.n_hidden <= INLINE_WORK:

@@ -21,7 +21,7 @@ GOOD = {
     BLOCKS: dict(ids=[0, 2]),
     READY: dict(ids=[0, 2], seconds=0.01),
     DROP: dict(ids=[1]),
-    EVAL: dict(op="sums", ids=[0, 2]),
+    EVAL: dict(op="sums", ids=[0, 2], evaluation=3),
     RESULT: dict(ids=[0, 2], rows=10, seconds=0.5),
     PING: dict(busy=True),
     PONG: {},
@@ -47,7 +47,7 @@ def test_every_type_round_trips(t):
 
 
 def header(**h):
-    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums", "ids": [0]}
+    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums", "ids": [0], "evaluation": 1}
     base.update(h)
     return msgpack.packb({k: v for k, v in base.items() if v is not ...})
 
