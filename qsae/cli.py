@@ -364,7 +364,8 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
             board.settings(master=master.address, workers=master.n_workers)
         master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
         print(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
-        result = train(master, plan["theta0"], spec, echo=echo, dashboard=board)
+        objective = _SpeedSamples(master, args.out / "workers.jsonl")
+        result = train(objective, plan["theta0"], spec, echo=echo, dashboard=board)
     return _exit_status(result)
 
 
@@ -435,6 +436,33 @@ def _fan_out(*hooks):
             hook(event)
 
     return on_event
+
+
+class _SpeedSamples:
+    """The master as train's objective, adding the workers' table to workers.jsonl as a
+    "speeds" line every SECONDS (events alone say nothing of speeds between placements;
+    qsae-report draws the workers' speeds over the run from these). Every other attribute is
+    the master's."""
+
+    SECONDS = 2.0  # a line of ~150 bytes a worker: 64 workers for an hour make 17 MB
+
+    def __init__(self, master, path: Path) -> None:
+        self.master, self.path, self.last = master, path, 0.0
+
+    def __call__(self, theta):
+        out = self.master(theta)
+        import time
+
+        now = time.monotonic()
+        if now - self.last >= self.SECONDS:
+            self.last = now
+            line = {"time": time.time(), "event": "speeds", "detail": "", "workers": self.master.status()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line, default=str) + "\n")
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.master, name)
 
 
 def _master(args: argparse.Namespace, cfg, launcher=None, board=None):
