@@ -118,9 +118,9 @@ class Master:
         (θ, gradients and every block's sums stay float64).
     balance : "measured" (blocks follow each worker's measured rows per second) or "static"
         (by the cores each worker declares).
-    block_rows : rows per block (default: ``placement.block_rows_for(m, workers)``: 4096, less
-        for small data sets on many workers, more for very large ones); smaller blocks balance
-        finer and cost more per row.
+    block_rows : rows per block (default: ``placement.block_rows_for(m)``: 4096, less for
+        small data sets, more for very large ones; of m alone, so the bits do not depend on
+        the number of workers); smaller blocks balance finer and cost more per row.
     on_event : called with a dict for every membership or placement change (see
         ``qsae.membership.Membership``).
     """
@@ -481,7 +481,7 @@ class Master:
         X = np.ascontiguousarray(X, dtype=self.dtype)  # the run's dtype: what the workers hold
         if not np.isfinite(X).all():
             raise ConfigError("X holds NaN or Inf: clean the data (np.nan_to_num) before training")
-        rows = self.block_rows or block_rows_for(X.shape[0], max(1, len(self.members)), chunk_rows(self.config))
+        rows = self.block_rows or block_rows_for(X.shape[0], chunk=chunk_rows(self.config))
         if rows * X.shape[1] * X.itemsize > MAX_ARRAY_BYTES:
             raise ConfigError(f"{X.shape[0]} rows make blocks of {rows} rows, over the {MAX_ARRAY_BYTES >> 20} MB a "
                               "message carries: use scatter_images (workers cut their own rows) for data this large")
@@ -505,7 +505,7 @@ class Master:
         """A new data set: every worker gets its source, then the blocks are placed."""
         with self._lock:
             self._source, self._m = source, m
-            rows = self.block_rows or block_rows_for(m, max(1, len(self.members)), chunk_rows(self.config))
+            rows = self.block_rows or block_rows_for(m, chunk=chunk_rows(self.config))
             self._sizes = [hi - lo for lo, hi in block_bounds(m, rows)]
             if len(self._sizes) > MAX_BLOCKS:
                 raise ConfigError(f"block_rows={self._sizes[0]} cuts {m} rows into {len(self._sizes)} blocks; at most "
@@ -737,7 +737,7 @@ class Master:
                     active = self.members.active()
                     for w in active:
                         w.eval_rows, w.eval_seconds = 0, 0.0
-                    out = self.reducer.evaluate(theta, self._scatter_op, rows_per_shard=self._m / max(1, len(active)))
+                    out = self.reducer.evaluate(theta, self._scatter_op, m=self._m)
                     for w in active:  # a speed sample: rows over the compute seconds of all the evaluation's rounds
                         if w.eval_seconds > 0:
                             w.record(w.eval_rows, w.eval_seconds)

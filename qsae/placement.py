@@ -30,7 +30,6 @@ __all__ = [
     "BLOCK_ROWS",
     "MIN_BLOCK_ROWS",
     "MIN_BLOCKS",
-    "BLOCKS_PER_WORKER",
     "MAX_BLOCKS",
     "HYSTERESIS",
     "PAYBACK_EVALS",
@@ -52,9 +51,15 @@ BLOCK_ROWS = 4096
 # row (47 KB, encrypted, sent, added) costs ~60 µs, and with 2 workers at 10K patches blocks of
 # 504 rows took 5.2 ms an evaluation, 1008 rows 4.5, 5040 rows 4.0 (but those balance coarsely).
 MIN_BLOCK_ROWS = 1024
-MIN_BLOCKS = 16  # at least this many blocks ...
-BLOCKS_PER_WORKER = 4  # ... and this many per worker: uneven workers balance within a few percent
-MAX_BLOCKS = 256  # above this many, blocks grow (in multiples of BLOCK_ROWS): results stay small
+# At least this many blocks where the rows allow (blocks of MIN_BLOCK_ROWS or more): 2 workers
+# split 64 blocks within 1/64 of even, 8 workers within 1/8 of a worker's share. The number of
+# blocks depends on m alone, never on the workers: a block is the unit of the summation tree
+# (qsae.tree), so the sums' bits are the same for any number of workers.
+MIN_BLOCKS = 64
+# Above this many, blocks grow (in multiples of BLOCK_ROWS). Workers send one row per aligned
+# range of blocks (qsae.tree), not one per block, so this bounds bookkeeping (ids in a message,
+# protocol.MAX_IDS), not the bytes a round moves: 10M patches are 2,442 blocks of 4,096 rows.
+MAX_BLOCKS = 4096
 
 # A rebalance is made only if the predicted round gets at least this much shorter: speeds
 # measured on this shared 2-core machine vary by 10–30% from round to round even as medians of
@@ -86,17 +91,19 @@ class Move:
     dst: Hashable
 
 
-def block_rows_for(m: int, n_workers: int = 1, chunk: int = 1) -> int:
-    """Rows per block for ``m`` rows on ``n_workers`` workers: ``BLOCK_ROWS``; fewer (a multiple
-    of 128, not below ``MIN_BLOCK_ROWS``) where that would leave fewer than ``MIN_BLOCKS`` blocks
-    or ``BLOCKS_PER_WORKER`` a worker; a multiple of it where more than ``MAX_BLOCKS`` would
-    result. Blocks longer than ``chunk`` (the model's row chunk, ``model.chunk_rows``) are a
-    whole number of chunks: a short last chunk in every block cost 3% (4096 rows against 4032
-    = 8 × 504, two rounds, one BLAS thread)."""
+def block_rows_for(m: int, *, chunk: int = 1) -> int:
+    """Rows per block for a data set of ``m`` rows — of m alone, never of the workers, so that
+    the sums' bits do not depend on how many compute them.
+
+    ``BLOCK_ROWS``; fewer (a multiple of 128, not below ``MIN_BLOCK_ROWS``) where that would
+    leave fewer than ``MIN_BLOCKS`` blocks; a multiple of it where more than ``MAX_BLOCKS``
+    would result. Blocks longer than ``chunk`` (the model's row chunk, ``model.chunk_rows``)
+    are a whole number of chunks: a short last chunk in every block cost 3% (4096 rows against
+    4032 = 8 × 504, two rounds, one BLAS thread)."""
     if m < 1:
         raise ValueError(f"m={m}: a data set needs at least one row")
     big = BLOCK_ROWS * max(1, -(-m // (BLOCK_ROWS * MAX_BLOCKS)))
-    enough = 128 * (m // (128 * max(MIN_BLOCKS, BLOCKS_PER_WORKER * n_workers)))
+    enough = 128 * (m // (128 * MIN_BLOCKS))
     rows = max(MIN_BLOCK_ROWS, min(big, enough))
     return chunk * max(1, round(rows / chunk)) if rows > chunk else rows
 

@@ -64,7 +64,7 @@ HELLO, SOURCE, BLOCKS, READY, DROP, EVAL, RESULT, PING, PONG, BYE, ERROR, STOP =
 MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; anything larger is garbage
 MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one image or one chunk of rows; the master chunks below this
 MAX_ARRAYS = 64  # images in one SOURCE message, blocks of rows in one BLOCKS message
-MAX_IDS = 4096  # block ids in one message (placement.MAX_BLOCKS is far below)
+MAX_IDS = 4096  # block ids in one message: every block of a run (placement.MAX_BLOCKS)
 MAX_STR = 16 * 1024  # tracebacks included
 ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
 

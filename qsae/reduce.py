@@ -16,7 +16,10 @@ Reducers:
   one round, ``sums``: each shard returns Σ f'xᵀ and Σ f' too (one extra h×n product);
   two rounds, ``forward`` then ``backward``: Σ a2 first, then the sparsity delta s is sent
   and folded into the backward pass (the shard keeps its activations between the rounds).
-  ``rounds=None`` picks by shard size: one round below ``two_round_from`` rows per shard.
+  ``rounds=None`` picks once per run from the data set's rows m: one round below
+  ``two_round_from``, two from there. The two round differently, so the choice must not
+  follow anything membership changes (rows per worker did: a worker lost mid-run switched
+  it and moved the bits); ``rounds=1`` or ``2`` fixes it (one round where links are slow).
 * ``average`` — the report's ParallelAvgCostFunction: each shard uses its own firing
   rates p_j, and shard results are weighted by their sizes. An approximation.
 
@@ -59,6 +62,12 @@ __all__ = [
 ]
 
 Scatter = Callable[[str, np.ndarray], "list[tuple[int, np.ndarray]]"]
+
+# The exact protocol's rounds, chosen once per run from the data set's rows: two from this many.
+# benchmarks/bench_runtime.py (2 workers): one round wins clearly up to 1,000 rows a worker,
+# from 2,000 the two are within a few percent (two rounds 0.96-1.05x one); 20,000 rows are
+# 10,000 a worker on 2 workers (two rounds 0.96x), 2,500 on 8 (even).
+TWO_ROUNDS_FROM = 20_000
 
 
 class ShardState:
@@ -152,8 +161,8 @@ class Reducer(ABC):
         self.config = config
 
     @abstractmethod
-    def evaluate(self, theta: np.ndarray, scatter: Scatter) -> tuple[float, np.ndarray]:
-        """Cost and gradient at θ, computed through ``scatter``."""
+    def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
+        """Cost and gradient at θ, computed through ``scatter``; ``m``: rows of the data set."""
 
 
 class ExactReducer(Reducer):
@@ -161,22 +170,23 @@ class ExactReducer(Reducer):
 
     name = "exact"
 
-    def __init__(self, config: SAEConfig, rounds: int | None = None, two_round_from: int = 5_000) -> None:
+    def __init__(self, config: SAEConfig, rounds: int | None = None, two_round_from: int = TWO_ROUNDS_FROM) -> None:
         super().__init__(config)
         if rounds not in (None, 1, 2):
             raise ConfigError(f"rounds={rounds!r}: the exact protocol takes 1 or 2 rounds (or None to choose)")
         self.rounds = rounds
-        self.two_round_from = two_round_from  # rows per shard from which two rounds were faster (bench_runtime.py)
+        self.two_round_from = two_round_from
 
-    def rounds_for(self, rows_per_shard: float) -> int:
-        """How many rounds to use for shards of this size."""
+    def rounds_for(self, m: int) -> int:
+        """How many rounds to use for a data set of ``m`` rows (the whole set, not a shard)."""
         if self.rounds is not None:
             return self.rounds
-        return 2 if rows_per_shard >= self.two_round_from else 1
+        return 2 if m >= self.two_round_from else 1
 
-    def evaluate(self, theta: np.ndarray, scatter: Scatter, rows_per_shard: float = 0.0) -> tuple[float, np.ndarray]:
+    def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
+        """Cost and gradient at θ; ``m``: rows of the data set, which chooses the rounds."""
         cfg = self.config
-        if self.rounds_for(rows_per_shard) == 1:
+        if self.rounds_for(m) == 1:
             total = _add(scatter("sums", theta))
             return finish_sums(theta, total, cfg, s_folded=False)
         replies = scatter("forward", theta)
@@ -191,7 +201,7 @@ class AverageReducer(Reducer):
 
     name = "average"
 
-    def evaluate(self, theta: np.ndarray, scatter: Scatter, rows_per_shard: float = 0.0) -> tuple[float, np.ndarray]:
+    def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
         replies = scatter("average", theta)
         m = sum(k for k, _ in replies)
         v = sum(vec for _, vec in replies) / m

@@ -196,3 +196,21 @@ def test_add_workers_refuses_nonsense():
                 master.add_workers(n)
     with pytest.raises(ConfigError, match="no launcher"):
         Master(workers=0, wait_for=1, curve=False).add_workers(1)
+
+
+@pytest.mark.parametrize("dtype, m", [("float64", 12_000), ("float32", 24_000)])  # one round, two rounds
+def test_the_bits_do_not_depend_on_the_worker_count(images, dtype, m):
+    """Default blocks and rounds: 1, 2 and 3 workers (the third run loses a worker to SIGKILL
+    mid-run and ends on 2) give the same cost history and θ, bit for bit, under L-BFGS."""
+    runs = {}
+    for t in (1, 2, 3):
+        with Master(workers=t, config=CFG, dtype=dtype, worker_timeout=2.0) as master:
+            master.scatter_images(images, m=m, seed=0)
+            victim = next(iter(master._workers.values())).pid
+            kill = (lambda: os.kill(victim, signal.SIGKILL)) if t == 3 else (lambda: None)
+            result = master.fit(init_params(CFG), maxiter=ITERS, callback=lambda info: info.iteration == 4 and kill())
+            assert master.n_workers == (2 if t == 3 else t)
+            runs[t] = result
+    for t in (2, 3):
+        np.testing.assert_array_equal(costs(runs[t]), costs(runs[1]))
+        np.testing.assert_array_equal(runs[t].x, runs[1].x)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsae.placement import (
-    BLOCK_ROWS, MAX_BLOCKS, MIN_BLOCK_ROWS, WorkerView, block_bounds, block_rows_for, plan, round_seconds,
+    BLOCK_ROWS, MAX_BLOCKS, MIN_BLOCK_ROWS, MIN_BLOCKS, WorkerView, block_bounds, block_rows_for, plan, round_seconds,
 )
 from qsae.rounds import Round
 
@@ -26,10 +26,9 @@ def apply(workers, moves):
 
 
 def test_block_sizes():
-    assert block_rows_for(100) == MIN_BLOCK_ROWS and block_rows_for(100_000) == BLOCK_ROWS
+    assert block_rows_for(100) == MIN_BLOCK_ROWS and block_rows_for(10**6) == BLOCK_ROWS
     assert len(block_bounds(10_000, block_rows_for(10_000))) >= 8  # not 3 blocks of 4096
-    assert len(block_bounds(100_000, block_rows_for(100_000, 16))) >= 64  # 4 a worker
-    assert block_rows_for(100_000, 2) == BLOCK_ROWS
+    assert len(block_bounds(100_000, block_rows_for(100_000))) >= MIN_BLOCKS  # 2 workers split within 1/64
     big = block_rows_for(10**8)
     assert big % BLOCK_ROWS == 0 and len(block_bounds(10**8, big)) <= MAX_BLOCKS
     assert block_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
@@ -135,5 +134,5 @@ def test_a_joiner_is_given_blocks_even_when_moves_are_dear():
 
 
 def test_blocks_are_whole_row_chunks():
-    assert block_rows_for(100_000, 2, chunk=504) == 4032
-    assert block_rows_for(1000, 2, chunk=2048) == MIN_BLOCK_ROWS  # shorter than a chunk: left alone
+    assert block_rows_for(10**6, chunk=504) == 4032 and block_rows_for(100_000, chunk=504) == 3 * 504
+    assert block_rows_for(1000, chunk=2048) == MIN_BLOCK_ROWS  # shorter than a chunk: left alone

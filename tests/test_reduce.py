@@ -63,7 +63,7 @@ def test_average_error_shrinks_as_shards_grow():
 
 
 def test_two_rounds_chosen_by_shard_size():
-    r = ExactReducer(SAEConfig(), two_round_from=1000)
+    r = ExactReducer(SAEConfig(), two_round_from=1000)  # by the data set's rows, never per worker
     assert r.rounds_for(999) == 1 and r.rounds_for(1000) == 2
     assert ExactReducer(SAEConfig(), rounds=1).rounds_for(10**9) == 1
 
