@@ -17,7 +17,8 @@ from qsae.train import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--theta", default=None, help="model.npz of a trained run (default: initial weights)")
     ap.add_argument("--sizes", default="1000,10000,100000", help="comma-separated m")
     ap.add_argument("--shards", default="2,4,8,16", help="comma-separated t")

@@ -1,6 +1,7 @@
 """SGD, CG and L-BFGS on the same patches: the report's Figure 2.3.2, at a scale that runs here.
 
-    python examples/compare_optimizers.py --seconds 15 --out docs/compare_optimizers.png
+    python examples/compare_optimizers.py                       # writes runs/compare_optimizers.png
+    python examples/compare_optimizers.py --out docs/compare_optimizers.png   # the README's picture
 
 Each optimizer trains from the same initial weights for the same wall-clock budget, three
 seeds each; the plot shows the full cost J against seconds, averaged over the seeds, and
@@ -22,12 +23,14 @@ from qsae.bench.quality import compare_optimizers  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--patches", type=int, default=10_000, help="patches m")
-    ap.add_argument("--seconds", type=float, default=20.0, help="wall-clock budget of each run")
+    ap.add_argument("--seconds", type=float, default=15.0, help="wall-clock budget of each run, seconds")
     ap.add_argument("--seeds", type=int, default=3, help="runs per optimizer")
     ap.add_argument("--workers", type=int, default=0, help="local workers for CG and L-BFGS (0: in process)")
-    ap.add_argument("--out", type=Path, default=Path("docs/compare_optimizers.png"), help="PNG to write")
+    ap.add_argument("--out", type=Path, default=Path("runs/compare_optimizers.png"),
+                    help="PNG to write (docs/compare_optimizers.png is the README's: write it only on purpose)")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(compare_optimizers(args.patches, args.seconds, args.seeds, args.workers, png=args.out))

@@ -15,8 +15,10 @@ replaces a directory that holds one (``--resume`` continues it, ``--force`` repl
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -75,15 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measured: rows follow each worker's measured speed; static: by declared cores")
     where.add_argument("--worker-timeout", type=float, default=5.0, help="seconds of silence after which a worker is lost")
     where.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the workers' HELLOs")
-    where.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for an SSH connection")
+    ssh = p.add_argument_group("SSH (--hosts)")
+    ssh.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for an SSH connection")
+    ssh.add_argument("--accept-new-host-keys", action="store_true", help="trust SSH hosts not yet in known_hosts")
+    ssh.add_argument("--ssh-config", default=None, metavar="FILE",
+                     help="OpenSSH client config for --hosts (default: ~/.ssh/config where it exists)")
     keys = p.add_argument_group("keys (hand-started workers)")
     keys.add_argument("--keys", default=None, metavar="DIR",
                       help="CURVE key directory made by --make-keys; workers get DIR/worker (default: keys made for this run, for launched workers)")
     keys.add_argument("--make-keys", default=None, metavar="DIR",
                       help="write the master's keys to DIR and the workers' to DIR/worker, then exit (default: no)")
     keys.add_argument("--insecure", action="store_true", help="no CURVE encryption or authentication (warns)")
-    keys.add_argument("--accept-new-host-keys", action="store_true", help="trust SSH hosts not yet in known_hosts")
-    keys.add_argument("--ssh-config", default="~/.ssh/config", help="OpenSSH client config for --hosts")
     data = p.add_argument_group("data")
     data.add_argument("--images", default="builtin",
                       help="'builtin' (ten images shipped with scikit-image), IMAGES.mat, .npy/.npz, or a folder of PNG/JPEG")
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "trains to the same cost in half the time and memory (README, Performance)")
     model = p.add_argument_group("model")
     model.add_argument("--preset", choices=("default", "report", "ufldl"), default="default",
-                       help="settings: default (sharp edges), report (h=30, λ=0.002, β=4, ρ=0.002), ufldl")
+                       help="settings: default (h=30, λ=1e-4, β=3, ρ=0.01: sharp edges), report (the report's h=30, "
+                            "λ=0.002, β=4, ρ=0.002), ufldl (the UFLDL exercise's h=25, λ=1e-4, β=3, ρ=0.01)")
     model.add_argument("--hidden", type=int, default=None, help="hidden units h (default: the preset's)")
     model.add_argument("--weight-decay", type=float, default=None, help="λ (default: the preset's)")
     model.add_argument("--beta", type=float, default=None, help="sparsity weight β (default: the preset's)")
@@ -105,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--optimizer", choices=("lbfgs", "cg", "sgd"), default="lbfgs", help="optimizer")
     run.add_argument("--iters", type=int, default=400, help="optimizer iterations (with --resume: in all)")
     run.add_argument("--seed", type=int, default=0, help="seed of the patches and the initial weights")
-    run.add_argument("--out", type=Path, default=Path("runs/latest"),
-                     help="output directory; refused if it holds a run (see --resume, --force)")
+    run.add_argument("--out", type=_out_dir, default=None, metavar="DIR",
+                     help="output directory; refused if it holds a run (see --resume, --force) (default: a new "
+                          "runs/YYYYmmdd-HHMMSS per run, runs/latest a link to the newest)")
     run.add_argument("--force", action="store_true", help="replace the run in --out (its model.npz and history)")
     run.add_argument("--resume", type=Path, default=None, metavar="DIR",
                      help="continue the run in DIR from its model.npz (same data and model; --iters counts all; default: a new run)")
@@ -120,6 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("-q", "--quiet", action="store_true", help="no per-iteration or worker lines, warnings only")
     talk.add_argument("-v", "--verbose", action="store_true", help="debug lines, paramiko's too")
     return p
+
+
+def _out_dir(text: str) -> Path:
+    """--out's type: a directory name; an empty one would put the run in the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name would write the run into the current folder: give a "
+                                         "directory, e.g. --out runs/try (without --out each run gets a new runs/YYYYmmdd-HHMMSS)")
+    return Path(text)
+
+
+RUNS = Path("runs")  # where runs without --out go, one new folder each; runs/latest links to the newest
+
+
+def _new_run_dir() -> Path:
+    """runs/YYYYmmdd-HHMMSS, with -2, -3, ... when a run of the same second has it already."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, k = RUNS / stamp, 1
+    while out.exists() or out.is_symlink():
+        k += 1
+        out = RUNS / f"{stamp}-{k}"
+    return out
 
 
 def _explicit(argv: list[str] | None) -> set[str]:
@@ -163,18 +192,24 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     parse_address(args.dashboard)  # ADDR:PORT or off, else a ConfigError naming the forms
     need(args.hidden is None or args.hidden >= 1, f"--hidden {args.hidden}: give >= 1 hidden units (e.g. 30)")
     for flag, value in (("--weight-decay", args.weight_decay), ("--beta", args.beta)):
-        need(value is None or value >= 0, f"{flag} {value}: give a number >= 0")
+        need(value is None or 0 <= value < math.inf, f"{flag} {value}: give a finite number >= 0")
     need(args.rho is None or 0 < args.rho < 1, f"--rho {args.rho}: sparsity_target={args.rho} must lie strictly "
                                                f"between 0 and 1 (e.g. 0.01)")
     for flag in ("worker_timeout", "start_timeout", "connect_timeout"):
         value = getattr(args, flag)
-        need(value > 0, f"--{flag.replace('_', '-')} {value}: give a number of seconds > 0")
+        need(0 < value < math.inf, f"--{flag.replace('_', '-')} {value}: give a finite number of seconds > 0")
     need(not (args.keys and args.insecure), "--keys and --insecure contradict each other: give one")
     need(not (args.wait_for and not args.keys and not args.insecure),
          "--wait-for needs --keys DIR (make it with `qsae-master --make-keys DIR`; workers get --keys DIR/worker) "
          "or --insecure")
     if args.hosts is not None:
         need(args.hosts.is_file(), f"--hosts {args.hosts}: no such file (see hosts/README.md for its format)")
+    if args.ssh_config is not None:
+        need(args.hosts is not None, f"--ssh-config {args.ssh_config} is for workers over SSH: give --hosts FILE too, "
+                                     "or drop it")
+        need(Path(args.ssh_config).expanduser().is_file(),
+             f"--ssh-config {args.ssh_config}: no such file; give an OpenSSH client config (ssh_config(5)) or leave "
+             "it out for ~/.ssh/config")
     if args.resume is not None:
         need(not args.force, "--force starts a new run and --resume continues one: give one of them")
         need("out" not in given or args.out == args.resume,
@@ -253,6 +288,8 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
     from .model import init_params
     from .train import load_model, read_history
 
+    if args.out is None:  # a new folder per run, so that two commands never meet (runs/latest: the newest)
+        args.out, args.fresh_out = (args.resume, False) if args.resume is not None else (_new_run_dir(), True)
     _check_args(args, given)
     if args.resume is not None:
         theta0, cfg, meta = load_model(args.resume / "model.npz")  # a DataError naming the file
@@ -291,7 +328,26 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
         raise ConfigError(f"--patches {spec_data.m} is fewer than the {n} workers: give --patches >= {n}, fewer "
                           f"workers, or --local")
     return {"cfg": cfg, "data": spec_data, "done": done, "seconds": seconds, "theta0": theta0, "images": images,
-            "sigma": sigma, "launcher": launcher}
+            "sigma": sigma, "launcher": launcher, "loaded": _describe_images(spec_data.source, images)}
+
+
+def _describe_images(source: str, images: list) -> str:
+    """'N images (H×W ...) from SOURCE', and for a folder which entries were skipped and why."""
+    sizes = sorted({f"{img.shape[0]}×{img.shape[1]}" for img in images})
+    shown = ", ".join(sizes[:4]) + (f" and {len(sizes) - 4} more sizes" if len(sizes) > 4 else "")
+    line = f"{len(images)} image{'s' * (len(images) != 1)} ({shown}) from {source}"
+    path = Path(source).expanduser()
+    if source != "builtin" and path.is_dir():
+        from .data import IMAGE_EXTENSIONS
+
+        folders = sorted(p.name for p in path.iterdir() if p.is_dir())
+        others = sorted(p.name for p in path.iterdir() if not p.is_dir() and p.suffix.lower() not in IMAGE_EXTENSIONS)
+        for names, why in ((others, f"not {'/'.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}"),
+                           (folders, "folders are not searched")):
+            if names:
+                listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                line += f"; skipped {len(names)} ({why}): {listed}"
+    return line
 
 
 def _launcher(args: argparse.Namespace):
@@ -300,7 +356,7 @@ def _launcher(args: argparse.Namespace):
         from .launch import SSHLauncher, parse_hosts
 
         return SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
-                           min_workers=args.min_workers, ssh_config=args.ssh_config,
+                           min_workers=args.min_workers, ssh_config=args.ssh_config or "~/.ssh/config",
                            connect_timeout=args.connect_timeout)
     if args.slurm:
         from .launch import SlurmLauncher
@@ -335,13 +391,17 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
     if done >= args.iters:
         print(f"{args.resume} already has {done} iterations (--iters {args.iters}): nothing to do")
         return 0
+    _claim_fresh_out(args)  # before anything else is written into it
     _open_log(args)  # the first thing written
     board = _start_dashboard(args)  # before the workers start: the page sees them join
+    if getattr(args, "fresh_out", False):
+        _say(f"run folder: {args.out}" + (f" ({RUNS / 'latest'} links to it)" if _link_latest(args.out) else ""))
     if args.resume is not None:
-        print(f"resuming {args.resume} at iteration {done} with {args.optimizer}"
-              + ("; L-BFGS starts with an empty memory (its curvature pairs are not saved)"
-                 if args.optimizer == "lbfgs" else ""))
-    echo = (lambda s: None) if args.quiet else print
+        _say(f"resuming {args.resume} at iteration {done} with {args.optimizer}"
+             + ("; L-BFGS starts with an empty memory (its curvature pairs are not saved)"
+                if args.optimizer == "lbfgs" else ""))
+    _say(f"data: {plan['loaded']}")
+    echo = _PROGRESS.info if args.quiet else _say  # iteration lines: run.log always, the terminal unless -q
     spec = RunSpec(config=cfg, data=spec_data.to_dict(), method=args.optimizer, maxiter=args.iters - done,
                    out=args.out, checkpoint_every=args.checkpoint_every, start_iteration=done,
                    start_seconds=plan["seconds"], meta={"sigma": plan["sigma"], "dtype": args.dtype,
@@ -356,16 +416,17 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
 
         spec.options = {"sampler": array_sampler(X), "config": cfg, "seed": args.seed}
     if args.local:
-        print(f"qsae {__version__}: {cfg}, {X.shape[0]} patches, in this process")
-        result = train(lambda th: cost_and_grad(th, X, cfg), plan["theta0"], spec, echo=echo, dashboard=board)
+        _say(f"qsae {__version__}: {cfg}, {X.shape[0]} patches, in this process")
+        result = train(lambda th: cost_and_grad(th, X, cfg), plan["theta0"], spec, echo=echo, say=_say,
+                       dashboard=board)
         return _exit_status(result)
     with _master(args, cfg, plan["launcher"], board) as master:
         if board is not None:
             board.settings(master=master.address, workers=master.n_workers)
         master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
-        print(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
+        _say(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
         objective = _SpeedSamples(master, args.out / "workers.jsonl")
-        result = train(objective, plan["theta0"], spec, echo=echo, dashboard=board)
+        result = train(objective, plan["theta0"], spec, echo=echo, say=_say, dashboard=board)
     return _exit_status(result)
 
 
@@ -484,8 +545,13 @@ def _master(args: argparse.Namespace, cfg, launcher=None, board=None):
 
 
 class _EventLog:
-    """Master(on_event=...): every membership or placement event as a line of DIR/workers.jsonl,
-    and unless quiet a short summary, one line per worker: name state rows rows/s."""
+    """Master(on_event=...): every membership or placement event as a line of DIR/workers.jsonl.
+
+    The event itself is already one log line (join, leave, lost, return, move); after a
+    placement ("move") and unless quiet, the workers' rows: a table of name state rows rows/s
+    for up to TABLE_WORKERS workers, else a one-line summary (64 workers made 2,144 lines)."""
+
+    TABLE_WORKERS = 8  # a table this long still fits beside the iteration lines
 
     def __init__(self, path: Path, quiet: bool = False) -> None:
         self.path, self.quiet = path, quiet
@@ -493,14 +559,29 @@ class _EventLog:
     def __call__(self, event: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(event, default=str) + "\n")
-        if self.quiet:
+        if self.quiet or event.get("event") != "move":
             return
-        workers = event.get("workers") or []
-        print(f"workers: {event.get('event')} {event.get('detail', '')}".rstrip())
-        for w in workers:
-            rate = w.get("rows_per_s")
-            rate = f"{rate:,.0f} rows/s" if isinstance(rate, (int, float)) and rate == rate else "- rows/s"
-            print(f"  {w.get('name', '?'):<16} {w.get('state', '?'):<8} {w.get('rows', 0):>9} rows  {rate}")
+        for line in self.lines(event.get("workers") or []):
+            _say(line)
+
+    @classmethod
+    def lines(cls, workers: list[dict]) -> list[str]:
+        """The table (few workers) or the summary line (many) of the workers' rows and speeds."""
+        def rate(w: dict) -> float | None:
+            r = w.get("rows_per_s")
+            return r if isinstance(r, (int, float)) and r == r else None
+
+        if len(workers) <= cls.TABLE_WORKERS:
+            return [f"  {w.get('name', '?'):<16} {w.get('state', '?'):<8} {w.get('rows', 0):>9} rows  "
+                    + (f"{rate(w):,.0f} rows/s" if rate(w) is not None else "- rows/s") for w in workers]
+        states = collections.Counter(w.get("state", "?") for w in workers)
+        rows = [w.get("rows", 0) for w in workers if w.get("rows", 0)]
+        rates = [r for r in map(rate, workers) if r is not None]
+        line = (f"workers: {len(workers)} ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}), "
+                f"{sum(rows):,} rows, {min(rows, default=0):,}–{max(rows, default=0):,} rows each")
+        if rates:
+            line += f", {min(rates):,.0f}–{max(rates):,.0f} rows/s"
+        return [line + " (each worker's in workers.jsonl)"]
 
 
 def _open_log(args: argparse.Namespace) -> None:
@@ -515,7 +596,50 @@ def _open_log(args: argparse.Namespace) -> None:
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     handler.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger().addHandler(handler)
+    _PROGRESS.addHandler(handler)  # what the terminal is told (banner, iterations, STOP, error) goes in too
     _handlers.append(handler)
+
+
+def _claim_fresh_out(args: argparse.Namespace) -> None:
+    """Make the new runs/STAMP folder of a run without --out, taking the next name where a run
+    of the same second made it first (mkdir is the test: two processes never share one)."""
+    while getattr(args, "fresh_out", False):
+        try:
+            args.out.mkdir(parents=True)
+            return
+        except FileExistsError:
+            args.out = _new_run_dir()
+        except OSError as e:
+            raise ConfigError(f"cannot make {args.out} ({e.strerror}): give --out a directory you can write") from e
+
+
+def _link_latest(out: Path) -> bool:
+    """Point runs/latest at ``out`` (a new run folder under runs/); False where it cannot."""
+    latest = RUNS / "latest"
+    if latest.exists() and not latest.is_symlink():  # a folder of an older qsae's run: never touched
+        log.warning("%s is a folder (an older run), not a link: this run is in %s", latest, out)
+        return False
+    tmp = RUNS / f".latest.{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(out.name)  # relative: the runs folder can be moved or copied whole
+        os.replace(tmp, latest)  # atomic: never a moment without runs/latest
+    except OSError as e:
+        log.warning("could not point %s at %s (%s)", latest, out, e.strerror)
+        return False
+    return True
+
+
+def _say(line: str) -> None:
+    """A line for the terminal (stdout) that run.log keeps too."""
+    print(line, flush=True)
+    _PROGRESS.info(line)
+
+
+_PROGRESS = logging.getLogger("qsae.progress")  # to run.log only: the terminal has it from print
+_PROGRESS.propagate = False
+_PROGRESS.setLevel(logging.INFO)
+_PROGRESS.addHandler(logging.NullHandler())  # before run.log opens: nothing (not logging's stderr fallback)
 
 
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -533,6 +657,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.addHandler(console)
     _handlers.append(console)
     logging.getLogger("paramiko").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    for noisy in ("matplotlib", "PIL", "numba"):  # -v: font lookups, PNG chunks, compiler passes (2,000 lines)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _make_keys(directory: str) -> int:
@@ -563,9 +689,11 @@ def master_main(argv: list[str] | None = None) -> int:
     except QsaeError as e:
         notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
         print(f"qsae-master: error: {e}{notes}", file=sys.stderr)
+        _PROGRESS.error("qsae-master: error: %s%s", e, notes)  # run.log, where it was opened
         return 2
     except KeyboardInterrupt:
         print("qsae-master: interrupted", file=sys.stderr)
+        _PROGRESS.error("qsae-master: interrupted")
         return 130
     finally:
         while _boards:
@@ -573,6 +701,7 @@ def master_main(argv: list[str] | None = None) -> int:
         while _handlers:  # in-process callers (tests) run master_main again
             h = _handlers.pop()
             logging.getLogger().removeHandler(h)
+            _PROGRESS.removeHandler(h)
             h.close()
 
 

@@ -283,8 +283,9 @@ def _check_dtype(dtype) -> np.dtype:
 def _normalize_(P: np.ndarray, sigma: float) -> np.ndarray:
     """UFLDL's normalisation in place: remove each row's mean, clip at ±3σ, map to [0.1, 0.9]."""
     if not (np.isfinite(sigma) and sigma > 0):
-        raise DataError(f"σ = {sigma!r}: the patches are constant (or σ was not a positive number); "
-                        "use images with some contrast, or pass the σ the model was trained with")
+        raise DataError(f"σ = {sigma!r}: the patches are constant once their means are removed (1×1 patches, "
+                        "or images without contrast), so nothing can be learned: use patches of 2×2 or more and images with "
+                        "some contrast (a σ passed in must be a positive number)")
     s3 = 3.0 * sigma
     P -= P.mean(axis=1, keepdims=True)
     np.clip(P, -s3, s3, out=P)

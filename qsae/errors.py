@@ -5,6 +5,7 @@ The tree::
     QsaeError                       base of everything below
     ├── ConfigError (ValueError)    a setting or option that cannot work
     ├── DataError (ValueError)      input data that cannot be used (file, shape, NaN, ...)
+    │   └── DataTypeError (TypeError)    values that are not numbers (a dict, a string, complex)
     ├── ProtocolError               a message that breaks the wire protocol
     ├── NumericalError              NaN or Inf where a finite number is required
     ├── WorkerError                 a worker reported a failure (host, exception, traceback)
@@ -13,7 +14,12 @@ The tree::
     ├── LaunchError                 workers could not be started (local or SSH)
     │   └── HostsFileError (ValueError)  a malformed hosts file line
     ├── KeysError                   CURVE keys missing or unreadable
+    ├── OutputError (OSError)       a run's files could not be written (disk full, ...)
+    ├── RunLocked                   another process is writing the run folder
     └── MissingDependency (ImportError)  an optional package is not installed
+
+    QsaeWarning (UserWarning)       base of every warning qsae gives
+    └── SaturationWarning           most hidden units saturated: inputs far outside [0, 1]
 
 Each message says what happened and how to fix it.
 """
@@ -24,6 +30,7 @@ __all__ = [
     "QsaeError",
     "ConfigError",
     "DataError",
+    "DataTypeError",
     "ProtocolError",
     "NumericalError",
     "WorkerError",
@@ -32,7 +39,11 @@ __all__ = [
     "LaunchError",
     "HostsFileError",
     "KeysError",
+    "OutputError",
+    "RunLocked",
     "MissingDependency",
+    "QsaeWarning",
+    "SaturationWarning",
 ]
 
 
@@ -46,6 +57,10 @@ class ConfigError(QsaeError, ValueError):
 
 class DataError(QsaeError, ValueError):
     """Input data that cannot be used: a missing file, a bad shape, NaN or Inf."""
+
+
+class DataTypeError(DataError, TypeError):
+    """Input values that are not numbers (a dict in X, a string, complex): a TypeError too, as numpy's."""
 
 
 class ProtocolError(QsaeError):
@@ -80,5 +95,21 @@ class KeysError(QsaeError):
     """CURVE keys are missing or unreadable."""
 
 
+class OutputError(QsaeError, OSError):
+    """A run's files could not be written (disk full, permissions); the message says what is intact."""
+
+
+class RunLocked(QsaeError):
+    """Another process holds the run folder's lock; the message names it (pid, host, start)."""
+
+
 class MissingDependency(QsaeError, ImportError):
     """An optional package is not installed; the message names the pip command."""
+
+
+class QsaeWarning(UserWarning):
+    """Base class of every warning qsae gives."""
+
+
+class SaturationWarning(QsaeWarning):
+    """Most hidden units ended saturated (σ at 0 or 1): the inputs are far outside [0, 1]."""

@@ -13,7 +13,8 @@ from plain functions: ``model.cost_and_grad`` and ``optim.minimize`` in this pro
 a ``Master`` for ``workers=N`` or a hosts file, ``model.forward`` for ``transform``.
 
 Inputs are the model's visible units, so they belong in [0, 1] (the sigmoid's range);
-scale features first, e.g. ``MinMaxScaler(feature_range=(0.1, 0.9))``.
+scale features first, e.g. ``MinMaxScaler(feature_range=(0.1, 0.9))``. Unscaled inputs
+saturate the hidden units: ``fit`` then ends with a ``SaturationWarning`` that says so.
 """
 
 from __future__ import annotations
@@ -21,18 +22,22 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DataError, NumericalError
+from .errors import ConfigError, DataError, DataTypeError, NumericalError, SaturationWarning
 
 __all__ = ["SparseAutoencoder"]
 
 log = logging.getLogger("qsae.estimator")
 
 _SEED_MAX = 2**31 - 1  # seeds drawn from a RandomState/Generator fit in an int32, as sklearn's
+SATURATED_Z = 13.8  # |z| past which a hidden unit is saturated: σ'(z) < 1e-6, its gradient all but gone
+SATURATED_WARN = 0.5  # fit warns when more than this share of hidden activations ends saturated
+_SCALE_HINT = "scale X into [0, 1] first, e.g. MinMaxScaler(feature_range=(0.1, 0.9))"
 
 
 class SparseAutoencoder:
@@ -141,6 +146,7 @@ class SparseAutoencoder:
         method, maxiter, seed = self._run_settings(cfg)
         theta0 = init_params(cfg, seed=seed)
         result = self._minimize(X, cfg, theta0, method, maxiter, seed)
+        _warn_if_saturated(result.x, X, cfg)
         self._set_weights(result.x, cfg)
         self.n_iter_ = int(result.nit)
         self.sigma_ = None  # fitted on X: no images, no σ
@@ -204,7 +210,7 @@ class SparseAutoencoder:
         if "estimator" not in meta:  # a qsae-master run: its optimizer, precision and seed
             params.update(optimizer=meta.get("optimizer", "lbfgs"), dtype=meta.get("dtype", "float64"),
                           random_state=data.get("seed") if data else None)
-            if meta.get("protocol"):
+            if meta.get("protocol") in ("exact", "average"):  # "local": trained in one process, no protocol
                 params["protocol"] = meta["protocol"]
         params.update(n_hidden=cfg.n_hidden, weight_decay=cfg.weight_decay, sparsity_weight=cfg.sparsity_weight,
                       sparsity_target=cfg.sparsity_target)
@@ -288,9 +294,9 @@ class SparseAutoencoder:
                         result = master.fit(theta0, method=method, maxiter=maxiter, **options)
         except NumericalError as e:
             lo, hi = float(X.min()), float(X.max())
-            if lo < 0 or hi > 1:  # saturated sigmoids: p_j of exactly 0 or 1 makes the KL term infinite
-                e.add_note(f"X ranges over [{lo:.3g}, {hi:.3g}] but a sparse autoencoder's inputs belong in "
-                           "[0, 1]; scale them first, e.g. MinMaxScaler(feature_range=(0.1, 0.9))")
+            if lo < 0 or hi > 1:  # far outside [0, 1] the sigmoids saturate and the optimizer can diverge
+                raise NumericalError(f"{e}; X ranges over [{lo:.3g}, {hi:.3g}] but a sparse autoencoder's inputs "
+                                     f"belong in [0, 1]: {_SCALE_HINT}") from e
             raise
         if result.status == 130:
             raise KeyboardInterrupt  # minimize swallowed Ctrl-C to return a result; a fit has none
@@ -336,12 +342,14 @@ class SparseAutoencoder:
             raise DataError(f"{what} is a sparse matrix; sparse input is not supported: pass {what}.toarray()")
         a = np.asarray(X)
         if np.iscomplexobj(a):
-            raise DataError(f"Complex data not supported: {what} is {a.dtype}; pass real numbers")
+            raise DataTypeError(f"Complex data not supported: {what} is {a.dtype}; pass real numbers")
         if a.dtype.kind not in "biufO":
-            raise DataError(f"{what} has dtype {a.dtype}; pass numbers (int or float)")
+            raise DataTypeError(f"{what} has dtype {a.dtype}; pass numbers (int or float)")
         try:
             a = np.ascontiguousarray(a, dtype=self._dtype())
-        except (TypeError, ValueError) as e:
+        except TypeError as e:  # a dict or another object that is no number: a TypeError, as numpy's
+            raise DataTypeError(f"{what} cannot be converted to {self._dtype().name} ({e}); pass numbers") from e
+        except ValueError as e:  # a string that is no number
             raise DataError(f"{what} cannot be converted to {self._dtype().name} ({e}); pass numbers") from e
         if a.ndim != 2:
             raise DataError(f"{what} has shape {a.shape}; expected a 2-D array (n_samples, n_{unit.replace(' ', '_')}): "
@@ -358,6 +366,21 @@ class SparseAutoencoder:
         if bad:
             raise DataError(f"{what} has {bad} NaN or Inf values; drop or impute them first")
         return a
+
+
+def _warn_if_saturated(theta: np.ndarray, X: np.ndarray, cfg) -> None:
+    """A SaturationWarning, with the fix in its message, when most hidden activations of X
+    end saturated (|z| > SATURATED_Z): what unscaled inputs do to a sparse autoencoder."""
+    from .model import hidden_exp
+
+    u = hidden_exp(theta, X, cfg)[:, : cfg.n_hidden]  # e^−z
+    share = float(np.count_nonzero((u < np.exp(-SATURATED_Z)) | (u > np.exp(SATURATED_Z)))) / u.size
+    if share > SATURATED_WARN:
+        lo, hi = float(X.min()), float(X.max())
+        where = (f"X ranges over [{lo:.3g}, {hi:.3g}], but a sparse autoencoder's inputs belong in [0, 1]"
+                 if lo < 0 or hi > 1 else f"X ranges over [{lo:.3g}, {hi:.3g}]")
+        warnings.warn(f"{share:.1%} of the hidden activations ended saturated (σ within 1e-6 of 0 or 1, where "
+                      f"they no longer learn): {where}; {_SCALE_HINT}", SaturationWarning, stacklevel=3)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -84,6 +84,11 @@ def _max_inbound(config: SAEConfig, max_blocks: int) -> int:
     return largest + largest // 4 + 4096
 
 
+def _secs(t: float) -> str:
+    """Seconds as a user gave them: 5.0, 60.0, 0.05 (not 0.1), 0.25."""
+    return f"{t:.1f}" if t >= 0.95 else f"{t:.2g}"
+
+
 class _Lost(Exception):
     """Workers lost or gone during a round (internal: the master recovers)."""
 
@@ -267,7 +272,20 @@ class Master:
         t0 = time.monotonic()
         if self.launcher is not None:
             self.launcher.start(self.address, self._worker_config(self.launcher.n_workers))
+        else:
+            log.info("waiting up to %s s for %d hand-started workers; on each node run\n  %s", _secs(self.start_timeout),
+                     self.min_workers, self.worker_command())
         self._await_hellos(t0)
+
+    def worker_command(self) -> str:
+        """The ``qsae-worker`` command that joins this (started) master, for hand-started workers."""
+        import socket as _socket
+
+        host, _, port = (self.address or "tcp://MASTER:PORT")[len("tcp://"):].rpartition(":")
+        if host in ("0.0.0.0", "*", "[::]", "::"):  # bound to every interface: name this host
+            host = _socket.getfqdn() or "MASTER"
+        keys = f" --keys {self.keys.rstrip('/')}/worker" if self.curve and self.keys else ""
+        return f"qsae-worker --connect tcp://{host}:{port}{keys}"
 
     def _worker_config(self, n: int) -> Callable[[int], dict]:
         """The launch configuration of n new workers: a CURVE key pair each, admitted from now on."""
@@ -290,9 +308,13 @@ class Master:
             possible = self.expected - len(failed)  # each failure line stands for at least one worker
             if left <= 0 or (failed and possible < self.min_workers):
                 why = "".join(f"\n  {f}" for f in failed)
+                fix = ("" if failed else
+                       f"; start them with `{self.worker_command()}`" if self.launcher is None else
+                       "; see each worker's lines in the log")
                 raise (LaunchError if failed else RoundTimeout)(
                     f"{len(self.members)} of {self.min_workers} workers said HELLO within "
-                    f"{time.monotonic() - t0:.1f} s on {self.address}{why}")
+                    f"{_secs(time.monotonic() - t0)} s on {self.address}{fix}; a longer start_timeout "
+                    f"(--start-timeout) waits longer, a smaller min_workers (--min-workers) goes on with fewer{why}")
             with self._lock:  # the heartbeat thread uses the socket too
                 self._receive(min(left, 0.2))
 
@@ -501,8 +523,15 @@ class Master:
         self._set_source({"kind": "images", "images": images, "patch_size": patch_size, "seed": seed,
                           "sigma": sigma}, int(m))
 
+    def _check_started(self) -> None:
+        if self._sock is None or self._closed:
+            raise ConfigError("this master is " + ("closed" if self._closed else "not started") +
+                              ": use it as `with Master(...) as master:` (or call master.start() first, "
+                              "master.close() at the end)")
+
     def _set_source(self, source: dict, m: int) -> None:
         """A new data set: every worker gets its source, then the blocks are placed."""
+        self._check_started()
         with self._lock:
             self._source, self._m = source, m
             rows = self.block_rows or block_rows_for(m, chunk=chunk_rows(self.config))
@@ -622,10 +651,11 @@ class Master:
         for ident in lost.idents:
             w = self._workers.get(ident)
             if w is not None:
-                log.error("worker %s (pid %d on %s) lost: silent for over %.1f s in round %d (%s awaited); its %d "
-                          "blocks go to the others", w.name, w.pid, w.host, self.worker_timeout, lost.round, lost.want,
-                          len(w.blocks))
-                self._drop([ident], LOST, f"silent for over {self.worker_timeout:.1f} s in round {lost.round}")
+                why = ("its connection closed (the process died or its host went away)" if w.last_heard == -math.inf
+                       else f"silent for over {_secs(self.worker_timeout)} s")
+                log.error("worker %s (pid %d on %s) lost: %s in round %d (%s awaited); its %d blocks go to the "
+                          "others", w.name, w.pid, w.host, why, lost.round, lost.want, len(w.blocks))
+                self._drop([ident], LOST, f"{why} in round {lost.round}")
 
     # ------------------------------------------------------------------ rounds
     def _scatter_op(self, op: str, arg: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -727,6 +757,7 @@ class Master:
         so the optimizer never sees a partial sum.
         """
         if not self._source:
+        self._check_started()
             raise ConfigError("no data on the workers: call master.scatter(X) or master.scatter_images(...) first")
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         with self._lock:

@@ -59,6 +59,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: readable like the other outputs (0644)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -67,6 +68,20 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc says it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def save_model(path: str | os.PathLike, theta: np.ndarray, config: SAEConfig, data: dict, **meta: Any) -> Path:
@@ -239,7 +254,7 @@ def _duration(seconds: float) -> str:
 
 
 def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: Callable[[str], None] = print,
-          dashboard=None):
+          dashboard=None, say: Callable[[str], None] = print):
     """Run the optimizer, printing a line per iteration and saving the run's files.
 
     Returns the optimizer's result; on Ctrl-C or SIGTERM the result of the last completed
@@ -321,8 +336,10 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
     _pictures(out, result, spec.config)
     if board is not None and not own_board:
         board.end(result.message, (k0 + result.nit, np.array(result.x, dtype=float)))
-    print(f"{result.message}: {result.nit} iterations, {result.nfev} evaluations, cost {result.fun:.8f}, "
-         f"{time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, history.jsonl")
+    session = f" ({result.nit} in this session)" if k0 else ""  # a resumed run counts all its iterations
+    say(f"{str(result.message).rstrip('.')}: {k0 + result.nit} iterations{session}, {result.nfev} evaluations, "
+        f"cost {result.fun:.8f}, {time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, "
+        "history.jsonl")
     return result
 
 
@@ -390,7 +407,9 @@ def _pictures(out: Path, result, config: SAEConfig) -> None:
         return
     save_filters(result.x, config, out / "filters.png")
     history = [(h["iteration"], h["seconds"], h["cost"]) for h in read_history(out / "history.jsonl")]
-    save_cost_curves({"run": history or result.history}, out / "cost.png")
+    history = history or result.history
+    save_cost_curves({"run": history}, out / "cost.png", above_best=len(history) > 1,
+                     title=f"cost above the run's lowest, {min(h[2] for h in history):.6g}")
 
 
 def _main_thread() -> bool:

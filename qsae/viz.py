@@ -106,6 +106,7 @@ def save_cost_curves(
     x: str = "seconds",
     logy: bool = True,
     title: str = "cost against time",
+    above_best: bool = False,
 ) -> Path:
     """Plot cost against time (or iteration) for several runs, one line per label.
 
@@ -119,6 +120,10 @@ def save_cost_curves(
     x : "seconds" or "iteration".
     logy : logarithmic cost axis.
     title : figure title.
+    above_best : plot J − J_best, J_best the lowest cost of any run drawn (its value in the
+        axis label), instead of J. On a log axis the whole run is then readable: J falls
+        from ~60 to ~0.4 in the first few iterations, and the remaining progress, a few
+        hundredths, is a flat line on an axis of J itself. Points at J_best are not drawn.
 
     Returns
     -------
@@ -133,21 +138,29 @@ def save_cost_curves(
     col = columns[x]
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    for label, value in runs.items():
-        curves = _as_runs(value)
+    every = {label: _as_runs(value) for label, value in runs.items()}
+    best = min(float(np.nanmin(c[:, 2])) for curves in every.values() for c in curves) if above_best else 0.0
+
+    def y(cost: np.ndarray) -> np.ndarray:
+        if not above_best:
+            return cost
+        gap = cost - best
+        return np.where(gap > 0, gap, np.nan)  # the best point itself is 0: off a log axis
+
+    for label, curves in every.items():
         if len(curves) == 1:
-            ax.plot(curves[0][:, col], curves[0][:, 2], label=label)
+            ax.plot(curves[0][:, col], y(curves[0][:, 2]), label=label)
             continue
         lo = max(c[0, col] for c in curves)
         hi = min(c[-1, col] for c in curves)
         grid = np.linspace(lo, hi, 200)
         ys = np.array([np.interp(grid, c[:, col], c[:, 2]) for c in curves])
-        (line,) = ax.plot(grid, ys.mean(axis=0), label=f"{label} (mean of {len(curves)})")
-        ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2, linewidth=0)
+        (line,) = ax.plot(grid, y(ys.mean(axis=0)), label=f"{label} (mean of {len(curves)})")
+        ax.fill_between(grid, y(ys.min(axis=0)), y(ys.max(axis=0)), color=line.get_color(), alpha=0.2, linewidth=0)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("seconds" if x == "seconds" else "iteration")
-    ax.set_ylabel("cost J")
+    ax.set_ylabel(f"J − {best:.6g} (the lowest J)" if above_best else "cost J")
     ax.set_title(title)
     ax.legend()
     path = Path(path)

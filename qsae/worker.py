@@ -144,7 +144,7 @@ class Worker:
         self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(), cores=self.threads,
                   version=__version__)
         self._last_hello = time.monotonic()
-        log.info("%s: said HELLO", self.name)
+        log.debug("%s: HELLO queued for %s", self.name, self.connect_to)  # sent once a connection exists
 
     def _await_handshake(self) -> bool:
         """Wait for the first handshake with the master; False (logged) when it was refused.
@@ -196,7 +196,8 @@ class Worker:
                    "a master started with --insecure takes no keys (drop --keys)")
         else:
             fix = ("the master refused its CURVE keys: this worker has none and the master requires them; pass "
-                   "--keys DIR/worker from the master's `qsae-master --make-keys DIR` (or start both with --insecure)")
+                   "--keys DIR/worker from the master's `qsae-master --make-keys DIR` (or start the master with --insecure; a "
+                   "worker without --keys is insecure already)")
         log.error("%s; %s", why, fix)
         return False
 
@@ -212,6 +213,7 @@ class Worker:
             self.hello()
             if not self._await_handshake():
                 return 1
+            log.info("%s: connected to the master at %s, said HELLO", self.name, self.connect_to)
             while True:
                 if self._poller.poll(int(self.heartbeat * 1000)):
                     if self._handle(self.sock.recv_multipart(copy=False)):
@@ -260,6 +262,7 @@ class Worker:
             log.warning("the master says: %s", msg["message"])
             if "never said HELLO" in msg["message"] and time.monotonic() - self._last_hello > 1.0:
                 self.hello()  # dropped while unreachable: join again (once for a burst of such errors)
+                log.info("%s: said HELLO again", self.name)
         elif msg.type != PONG:
             self.send_error(ProtocolError(f"a worker does not take {msg.type} messages"), msg.round)
         return False
@@ -445,6 +448,9 @@ class _DropName(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsae-worker`` and ``python -m qsae.worker``."""
+    from . import __version__ as version  # cheap: qsae's __init__ loads no numpy
+
+    p.add_argument("--version", action="version", version=f"qsae {version}")
     args = _parser().parse_args(argv)
     from .errors import QsaeError
 

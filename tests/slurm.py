@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytest
-
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 CLIENTS = ("srun", "salloc", "sbatch", "sinfo", "squeue", "scancel", "scontrol")
 
@@ -47,6 +45,8 @@ def require_slurm() -> None:
     missing += [c for c in CLIENTS if shutil.which(c) is None]
     if not missing:
         return
+    import pytest  # here, not at the top: `python tests/slurm.py ...` runs where pytest is not installed
+
     reason = (f"{', '.join(missing)} not found: install Slurm and munge "
               f"(apt-get install slurmctld slurmd slurm-client munge)")
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

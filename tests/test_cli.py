@@ -176,11 +176,11 @@ def test_a_run_never_replaces_a_run(tmp_path, capsys):
     assert load_model(run / "model.npz")[2]["iteration"] == 2
 
 
-def test_the_default_out_is_refused_once_it_holds_a_run(tmp_path, monkeypatch, capsys):
+def test_runs_latest_given_as_out_is_refused_once_it_holds_a_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_cli(capsys, "--local", *SMALL)[0] == 0
+    assert run_cli(capsys, "--local", *SMALL)[0] == 0  # no --out: a new runs/STAMP, runs/latest links to it
     before = (tmp_path / "runs" / "latest" / "model.npz").read_bytes()
-    code, _, err = run_cli(capsys, "--local", *SMALL)
+    code, _, err = run_cli(capsys, "--local", *SMALL, "--out", "runs/latest")
     assert code == 2 and "runs/latest holds a run" in err and "--resume runs/latest" in err
     assert (tmp_path / "runs" / "latest" / "model.npz").read_bytes() == before
 
@@ -291,7 +291,7 @@ def test_help_shows_defaults_and_what_no_mode_flag_means():
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0
     assert "none of them   one local worker process per core" in out
-    for text in ("(default: 10000)", "(default: 400)", "(default: runs/latest)", "(default: 5.0)", "(default: 60.0)",
+    for text in ("(default: 10000)", "(default: 400)", "(default: a new runs/", "(default: 5.0)", "(default: 60.0)",
                  "(default: 10.0)", "(default: float32)", "(default: measured)", "(default: one per core)"):
         assert text in " ".join(out.split()), text
 

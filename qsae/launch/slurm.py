@@ -53,6 +53,10 @@ def _cpus_per_node(value: str) -> int:
     return total
 
 
+# srun's words for an allocation that no longer exists (Slurm 20-24: "Invalid job id specified",
+# "Job/step already completing or completed", "Job has been cancelled"; exit 1 each)
+STALE_JOB_WORDS = ("invalid job id", "already completing or completed", "job has been cancelled")
+
 class SlurmLauncher(ChildProcessLauncher):
     """Workers as job steps of the Slurm allocation this process runs in.
 
@@ -171,6 +175,11 @@ class SlurmLauncher(ChildProcessLauncher):
         versions = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("QSAE-VERSION ")]
         if r.returncode != 0 or not versions:
             err = [line for line in r.stderr.splitlines() if line.strip()]
+            stale = [line for line in err if any(w in line.lower() for w in STALE_JOB_WORDS)]
+            if stale:  # the allocation ended; the shell's SLURM_JOB_ID outlived it
+                raise LaunchError(f"allocation {self.job_id} is not running ({stale[-1].strip()}): this shell's "
+                                  f"SLURM_JOB_ID is left from an allocation that ended (squeue -j {self.job_id}); "
+                                  "start a new one: salloc -n N qsae-master --slurm ..., or sbatch a script")
             raise LaunchError(f"allocation {self.job_id}: {self.python} cannot import qsae on its nodes "
                               f"({err[-1] if err else f'srun exit code {r.returncode}'}): {INSTALL_HINT}, "
                               f"or pass the python that has it")

@@ -177,7 +177,10 @@ class SSHLauncher(Launcher):
             return None
         p = Path(os.path.expanduser(path))
         if not p.exists():
-            return None
+            if os.path.expanduser(path) == os.path.expanduser("~/.ssh/config"):
+                return None  # the default: a user without one has none
+            raise ConfigError(f"ssh_config={path!r} (--ssh-config): no such file; give an OpenSSH client config, "
+                              "or leave it out for ~/.ssh/config")
         try:
             return paramiko.SSHConfig.from_path(str(p))
         except Exception as e:

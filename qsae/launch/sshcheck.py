@@ -40,7 +40,8 @@ def explain(e: BaseException, h: Any, connect_timeout: float, elapsed: float | N
     after = f" after {elapsed:.2f} s" if elapsed is not None else ""
     if isinstance(e, _UnknownHostKey):
         return (f"{where}: unknown host key ({e.key_type} {e.fingerprint} for {e.hostname}): "
-                f"pass --accept-new-host-keys or ssh to it once to add it to known_hosts")
+                f"ssh to it once to add it to known_hosts (or trust new hosts: qsae-master --accept-new-host-keys, "
+                f"SSHLauncher(accept_new_host_keys=True) in Python)")
     if isinstance(e, paramiko.BadHostKeyException):
         return (f"{where}: host key CHANGED (got {_fingerprint(e.key)}, known_hosts has "
                 f"{_fingerprint(e.expected_key)}): a reinstalled host or a man in the middle; if it is "
