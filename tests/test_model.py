@@ -379,6 +379,33 @@ def test_numba_kernel_without_numba_names_the_extra(monkeypatch):
     assert c == pytest.approx(textbook(theta, X, cfg)[0], rel=1e-12)
 
 
+@pytest.mark.timeout(180)
+def test_kernels_compile_without_a_writable_cache(kernel_path):
+    """Where numba finds no writable cache folder (a read-only install, no home), the kernels
+    are compiled without a cache instead of failing the import."""
+    if kernel_path == "numpy":
+        pytest.skip("the numba path's import")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []  # what numba finds with no folder\n"
+            "import numpy as np\n"
+            "from qsae import _kernels\n"
+            "from qsae.model import SAEConfig, cost_and_grad, init_params, set_kernel\n"
+            "assert type(_kernels.hidden_delta._cache).__name__ == 'NullCache'\n"
+            "assert set_kernel() == 'numba'\n"
+            "cfg = SAEConfig(n_visible=7, n_hidden=5)\n"
+            "print(repr(cost_and_grad(init_params(cfg), np.full((9, 7), 0.3), cfg)[0]))\n")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=170, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr
+    cfg = SAEConfig(n_visible=7, n_hidden=5)
+    assert float(p.stdout) == pytest.approx(textbook(init_params(cfg), np.full((9, 7), 0.3), cfg)[0], rel=1e-12)
+
+
 def test_nan_propagates_through_both_paths():
     """fastmath keeps NaN: a diverged θ must reach the optimizer's NaN check."""
     cfg = SAEConfig()
