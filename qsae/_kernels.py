@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numba
 
-__all__ = ["output_delta", "hidden_delta", "sigmoid_of_exp", "activate", "rate_sums"]
+__all__ = ["output_delta", "hidden_delta", "sigmoid_of_exp", "activate", "rate_sums", "shift_clip"]
 
 _FLAGS = dict(error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, boundscheck=False)
 
@@ -66,18 +66,17 @@ def output_delta(o, x, d, one):  # pragma: no cover (compiled)
     return sq
 
 
-@_jit(_sigs("void(T[:, ::1], T[:, ::1], T[:, ::1], T[::1], T[:, ::1], T[:, ::1], boolean, T)"))
-def hidden_delta(d2, a, u, s, f, col, one_round, one):  # pragma: no cover (compiled)
-    """δ2 = (d2 + s) ⊙ f' in place, f' = a ⊙ q with q = 1 − a from u = e^−z (u·a for u < 1:
-    exact where a rounds to 1); col[0] = Σ δ2, col[1] = Σ a, col[2] = Σ q over the rows;
-    with ``one_round`` also f = f' and col[3] = Σ f'."""
+@_jit(_sigs("void(T[:, ::1], T[:, ::1], T[:, ::1], T[::1], T[:, ::1], T[:, ::1], boolean)"))
+def hidden_delta(d2, a, u, s, f, col, one_round):  # pragma: no cover (compiled)
+    """δ2 = (d2 + s) ⊙ f' in place, f' = a ⊙ q with q = 1 − a = u·a from u = e^−z (exact where
+    a rounds to 1); col[0] = Σ δ2, col[1] = Σ a, col[2] = Σ q over the rows; with
+    ``one_round`` also f = f' and col[3] = Σ f'."""
     k, w = d2.shape
     c0, c1, c2, c3 = col[0], col[1], col[2], col[3]
     for i in range(k):
         for j in range(w):
             aj = a[i, j]
-            uj = u[i, j]
-            qj = uj * aj if uj < one else one - aj
+            qj = u[i, j] * aj
             fj = aj * qj
             v = (d2[i, j] + s[j]) * fj
             d2[i, j] = v
@@ -110,7 +109,7 @@ def activate(u, a, one):  # pragma: no cover (compiled)
 @_jit(_sigs("void(T[:, ::1], T[:, ::1], T)"))
 def rate_sums(u, col, one):  # pragma: no cover (compiled)
     """col[0] += Σ a, col[1] += Σ (1 − a) over the rows, a = σ(z) from u = e^−z; 1 − a as
-    u·a where u < 1 (exact where a rounds to 1)."""
+    u·a (exact where a rounds to 1)."""
     k, w = u.shape
     c0, c1 = col[0], col[1]
     for i in range(k):
@@ -118,4 +117,20 @@ def rate_sums(u, col, one):  # pragma: no cover (compiled)
             uj = u[i, j]
             aj = one / (one + uj)
             c0[j] += aj
-            c1[j] += uj * aj if uj < one else one - aj
+            c1[j] += uj * aj
+
+
+@_jit(_sigs("void(T[:, ::1], T[:, ::1], T)"))
+def shift_clip(u, B, cap):  # pragma: no cover (compiled)
+    """u := u − B within ±cap, in place (B of u's shape): −z from x·(−W1ᵀ) and the tiled b1.
+
+    One flat loop over both (same-shape, contiguous): it vectorises as numpy's subtraction does,
+    where a row-by-row loop over h + 1 = 31 columns ran 3× slower in float32."""
+    uf, bf = u.reshape(-1), B.reshape(-1)
+    for i in range(uf.size):
+        v = uf[i] - bf[i]
+        if v < -cap:  # comparisons, not min/max: NaN stays NaN
+            v = -cap
+        elif v > cap:
+            v = cap
+        uf[i] = v

@@ -58,6 +58,7 @@ __all__ = [
     "backward",
     "activation_sums",
     "hidden_sums",
+    "z_cap",
     "chunk_rows",
     "shard_sums",
     "sparsity_delta",
@@ -280,17 +281,18 @@ def chunk_rows(config: SAEConfig) -> int:
 
 @pinned
 def hidden_exp(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
-    """e^−z of the hidden layer, z = X W1ᵀ + b1, with a column of zeros appended: (m, h + 1), X's dtype.
+    """e^−z of the hidden layer, z = X W1ᵀ + b1, with a bias column appended: (m, h + 1), X's dtype.
 
     The form in which the hidden layer is kept between the two passes (and the two rounds of
-    the exact protocol): both a = σ(z) = 1/(1 + u) and 1 − a = σ(−z) = u·a (u < 1; 1 − a
-    otherwise) come out of u to full relative precision, so a saturated unit, whose a rounds
-    to 1, still has its exact 1 − p_j and f' = a(1 − a) (``hidden_sums``, ``backward``). The
-    zeros column is the bias unit of the output layer: u = 0, a = 1, f' = 0.
+    the exact protocol): both a = σ(z) = 1/(1 + u) and 1 − a = σ(−z) = u·a come out of u to
+    full relative precision, so a saturated unit, whose a rounds to 1, still has its exact
+    1 − p_j and f' = a(1 − a) (``hidden_sums``, ``backward``). z is taken within ±``z_cap``
+    (86 in float32, 707 in float64): u, a and 1 − a are then finite normal numbers, never ∞·0
+    nor a denormal, and beyond the cap every σ is 0 or 1 to the last bit anyway.
 
-    Computed in place: u = x·(−W1ᵀ) − b1 by row chunks, then e^u over a few chunks at a time
-    (fewer calls, still in cache). The zeros column comes out of the same passes: its weights
-    are 0 and its bias +∞, so u = −∞ and e^u = 0 exactly; every pass runs over whole rows.
+    Computed in place: −z = x·(−W1ᵀ) − b1 by row chunks, then e^−z over a few chunks at a time
+    (fewer calls, still in cache). The bias column is the output layer's bias unit and comes
+    out of the same passes: its weights are 0 and its bias +∞, so u = e^−cap and a = 1 exactly.
     """
     return _hidden(theta, X, config, activate=False)
 
@@ -318,23 +320,32 @@ def _hidden(theta: np.ndarray, X: np.ndarray, config: SAEConfig, activate: bool)
     U = np.empty((m, h + 1), dtype=dt)
     rows = chunk_rows(config)
     span = rows * FORWARD_CHUNKS
+    nb, one, cap = _compiled(), dt.type(1), dt.type(z_cap(dt))
     B1 = np.tile(b1x, (min(span, m), 1))  # b1 on every row: a same-shape subtraction is 2× faster than broadcasting
-    nb, one = _compiled(), dt.type(1)
-    with np.errstate(over="ignore"):  # e^−z = ∞ where z < −709 (float64) or −88 (float32): σ(z) = 0, as it is
-        for lo in range(0, m, span):
-            u = U[lo : lo + span]
-            for b in range(lo, min(lo + span, m), rows):
-                np.matmul(X[b : b + rows], nW1T, out=U[b : b + rows])
+    for lo in range(0, m, span):
+        u = U[lo : lo + span]
+        for b in range(lo, min(lo + span, m), rows):
+            np.matmul(X[b : b + rows], nW1T, out=U[b : b + rows])
+        if nb is not None:
+            nb.shift_clip(u, B1[: u.shape[0]], cap)  # −z, within ±cap, in one pass
+        else:
             u -= B1[: u.shape[0]]
-            np.exp(u, out=u)
-            if not activate:
-                continue
-            if nb is not None:
-                nb.sigmoid_of_exp(u, one)
-            else:
-                u += one
-                np.divide(one, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
+            np.clip(u, -cap, cap, out=u)
+        np.exp(u, out=u)
+        if not activate:
+            continue
+        if nb is not None:
+            nb.sigmoid_of_exp(u, one)
+        else:
+            u += one
+            np.divide(one, u, out=u)  # not np.reciprocal: 1.2× slower here (no SIMD loop)
     return U
+
+
+def z_cap(dtype: np.dtype) -> float:
+    """The |z| at which pre-activations are capped: e^±cap and σ(±cap) stay normal numbers of
+    ``dtype`` (86 for float32, 707 for float64)."""
+    return float(np.floor(-np.log(np.finfo(dtype).tiny)) - 1)
 
 
 def _check_U(U: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
@@ -372,10 +383,8 @@ def _activate(u: np.ndarray, a: np.ndarray, one: np.floating) -> None:
 
 
 def _complement(u: np.ndarray, a: np.ndarray, q: np.ndarray, one: np.floating) -> None:
-    """q = 1 − a = σ(−z) from u = e^−z and a = σ(z), exact where a rounds to 1: u·a for u < 1, else 1 − a."""
-    small = u < one  # elsewhere u·a could be ∞·0 (u = ∞, a = 0)
-    np.multiply(u, a, out=q, where=small)
-    np.subtract(one, a, out=q, where=~small)
+    """q = 1 − a = σ(−z) = u·a from u = e^−z and a = σ(z): exact where a rounds to 1 (u is finite: ``z_cap``)."""
+    np.multiply(u, a, out=q)
 
 
 @pinned
@@ -511,7 +520,7 @@ def backward(
             gW2b += P2  # [Σ δ3 a2ᵀ | Σ δ3]
             np.matmul(d, W2x, out=d2)
             if nb is not None:
-                nb.hidden_delta(d2, a, u, S[0], f, col[i], one_round, one)
+                nb.hidden_delta(d2, a, u, S[0], f, col[i], one_round)
             else:
                 _hidden_delta(d2, a, u, Sk if s is not None else None, f, q, col[i], one_round, ones)
             np.matmul(d2[:, :h].T, x, out=P1)  # h rows, not h + 1: an odd width is 1.3× slower here

@@ -27,6 +27,7 @@ from qsae.model import (
     shard_sums,
     sparsity_delta,
     unpack,
+    z_cap,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -278,7 +279,7 @@ def test_float32_two_round_pass_keeps_float32_activations():
     A64 = forward(theta, X64, cfg)
     np.testing.assert_allclose(A, A64, rtol=1e-6, atol=1e-7)
     U = hidden_exp(theta, X32, cfg)
-    assert U.dtype == np.float32 and np.all(U[:, cfg.n_hidden] == 0.0)  # the bias unit: e^−∞, exactly
+    assert U.dtype == np.float32 and np.all(U[:, cfg.n_hidden] == np.float32(np.exp(-z_cap(np.float32))))  # the bias unit
     U64 = hidden_exp(theta, X64, cfg)
     rates = hidden_sums(U, cfg) / U.shape[0]
     assert rates.dtype == np.float64
