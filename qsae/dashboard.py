@@ -413,6 +413,7 @@ svg polyline{fill:none;stroke:#1f6fd0;stroke-width:1.5}
 "use strict";
 const TOKEN = __TOKEN__, REFRESH = Number(new URLSearchParams(location.search).get("refresh")) || __REFRESH__;
 const H = [];  // [iteration, seconds, cost, |grad|]
+const MAX_DRAWN = 1500;  // points drawn a curve (more cost the browser CPU and add nothing at 400 px)
 let filtersShown = null, lastEvent = 0, drawn = -1, failures = 0;
 const $ = id => document.getElementById(id);
 const q = p => p + (TOKEN ? (p.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN) : "");
@@ -442,6 +443,10 @@ function plot(svg, xs, ys, logy) {
   svg.setAttribute("viewBox", `0 0 ${W} ${Ht}`);
   svg.replaceChildren();
   svg.dataset.points = pts.length;
+  if (pts.length > MAX_DRAWN) {  // long runs: a bounded polyline, the last point kept
+    const k = Math.ceil(pts.length / MAX_DRAWN), last = pts[pts.length - 1];
+    pts.splice(0, pts.length, ...pts.filter((_, i) => i % k === 0), last);
+  }
   svg.appendChild(el("line", {class: "ax", x1: L, y1: Ht - B, x2: W - R, y2: Ht - B}));
   svg.appendChild(el("line", {class: "ax", x1: L, y1: T, x2: L, y2: Ht - B}));
   if (!pts.length) return;
