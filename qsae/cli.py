@@ -392,6 +392,9 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
         print(f"{args.resume} already has {done} iterations (--iters {args.iters}): nothing to do")
         return 0
     _claim_fresh_out(args)  # before anything else is written into it
+    from .train import lock_run
+
+    lock = lock_run(args.out)  # one process per run folder: a second is told who holds it (released at exit)
     _open_log(args)  # the first thing written
     board = _start_dashboard(args)  # before the workers start: the page sees them join
     if getattr(args, "fresh_out", False):

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DataError, QsaeError
+from .errors import DataError, OutputError, QsaeError, WorkerLost
 from .model import SAEConfig
 
-__all__ = ["RunSpec", "check_size", "load_model", "memory_needed", "read_history", "save_model", "train"]
+__all__ = ["RunSpec", "check_size", "load_model", "lock_run", "memory_needed", "read_history", "save_model", "train"]
 
 log = logging.getLogger("qsae.train")
 
@@ -227,6 +227,52 @@ def check_size(config: SAEConfig, m: int, dtype: str = "float64", method: str = 
                       + ", or spread the rows over more hosts (--hosts, --slurm)")
 
 
+# ---------------------------------------------------------------------- one process per run folder
+LOCK_FILE = "run.lock"  # in the run folder: who writes it (pid, host, start); the OS lock dies with the process
+
+
+def lock_run(out: str | os.PathLike):
+    """Take the run folder's lock for this process; returns the open lock file (keep it open).
+
+    ``fcntl.flock`` on ``DIR/run.lock``: the OS releases it when the process ends, however
+    it ends (kill -9 included), so a stale file never blocks a run. The file says who holds
+    the lock, for the message another process gets.
+
+    Raises
+    ------
+    RunLocked
+        Another process holds the lock; the message names its pid, host and start time.
+    """
+    import fcntl
+    import socket
+    from datetime import datetime, timezone
+
+    from .errors import RunLocked
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        text = f.read()
+        f.close()
+        try:
+            who = json.loads(text)
+            holder = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+        except (ValueError, KeyError, TypeError):
+            holder = "another process"
+        raise RunLocked(f"{out} is in use: {holder} is writing this run; wait for it to end (or stop it), or give "
+                        "another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}) + "\n")
+    f.flush()
+    return f
+
+
 def read_history(path: str | os.PathLike) -> list[dict]:
     """The lines of a run's history.jsonl (an empty list when there is none).
 
@@ -274,8 +320,10 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
         kept = [h for h in read_history(hist_path) if h["iteration"] <= k0]
         _atomic_write(hist_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in kept)), mode="w")
     hist_file = open(hist_path, "a" if k0 else "w")
-    best = {"theta": np.array(theta0, dtype=float), "iteration": None, "seconds": s0}
+    best = {"theta": np.array(theta0, dtype=float), "iteration": None, "seconds": s0, "cost": float("nan")}
+    saved = {"iteration": k0 if k0 else None}  # the iteration model.npz holds (what a failure leaves intact)
     terminated = []
+    evaluating = [False]  # SIGTERM inside an evaluation stops it at once (it may take minutes)
     board, own_board = _dashboard(dashboard, echo)
     if board is not None:
         objective = board_feed(board, objective, spec, read_history(hist_path))
@@ -285,6 +333,7 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
             out / "model.npz", theta, spec.config, spec.data,
             optimizer=spec.method, iteration=iteration, seconds=seconds, finished=finished, **spec.meta,
         )
+        saved["iteration"] = iteration
 
     def write_line(it: int, secs: float, cost: float, gnorm: float) -> None:
         hist_file.write(json.dumps({"iteration": it, "seconds": secs, "cost": cost, "grad_norm": gnorm}) + "\n")
@@ -295,7 +344,7 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
             return  # the resumed start point is the checkpoint's last line already
         it, cost, gnorm, secs = k0 + info.iteration, info.cost, info.grad_norm, s0 + info.seconds
         write_line(it, secs, cost, gnorm)  # first: Ctrl-C in what follows loses no line
-        best.update(theta=np.array(info.x, dtype=float), iteration=it, seconds=secs)
+        best.update(theta=np.array(info.x, dtype=float), iteration=it, seconds=secs, cost=cost)
         if board is not None:  # a few appends under a lock; the page renders in its own thread
             board.iteration(it, secs, cost, gnorm, best["theta"])
         eta = ""
@@ -308,32 +357,65 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
             raise StopIteration  # the optimizer returns the current θ
 
     def on_sigterm(signum, frame) -> None:
+        """Save the last good θ first (Slurm kills KillWait seconds after SIGTERM), then stop."""
         terminated.append(signum)
+        if best["iteration"] is not None and saved["iteration"] != best["iteration"]:
+            try:
+                checkpoint(best["theta"], best["iteration"], best["seconds"], False)
+            except OSError:  # the disk is full: the error comes with the next write, naming it
+                pass
+        if evaluating[0]:
+            raise _Terminated  # the optimizer returns the last completed iteration
+
+    def evaluate(theta):
+        evaluating[0] = True
+        try:
+            return objective(theta)
+        finally:
+            evaluating[0] = False
 
     old = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     t0 = time.perf_counter()
     try:
-        result = minimize(objective, theta0, method=spec.method, maxiter=spec.maxiter, callback=on_iteration, **spec.options)
+        result = minimize(None if objective is None else evaluate, theta0, method=spec.method, maxiter=spec.maxiter,
+                          callback=on_iteration, **spec.options)
     except QsaeError as e:  # NaN from a worker, every worker lost, ...: keep the last good θ
-        if best["iteration"] is not None:  # none completed: nothing worth a model.npz
-            checkpoint(best["theta"], best["iteration"], best["seconds"], False)
-            e.add_note(f"the last good θ (iteration {best['iteration']}) is saved in {out / 'model.npz'}; "
-                       f"continue with --resume {out}")
-        if board is not None:
-            board.end(f"failed: {e}")
-        raise
+        if isinstance(e, WorkerLost) and _main_thread():
+            _await_signal(terminated, STOP_GRACE)  # workers said BYE to a shutdown (scancel) the master hears next
+        if terminated:  # a stop, not a failure: the workers left because everything is stopping
+            result = _stopped_result(best, k0, s0)
+        else:
+            if best["iteration"] is not None and saved["iteration"] != best["iteration"]:
+                try:
+                    checkpoint(best["theta"], best["iteration"], best["seconds"], False)
+                except OSError as w:
+                    e.add_note(_intact(out, saved["iteration"], w))
+            if saved["iteration"] is not None:  # none completed: nothing worth a model.npz
+                e.add_note(f"the last good θ (iteration {saved['iteration']}) is saved in {out / 'model.npz'}; "
+                           f"continue with --resume {out}")
+            if board is not None:
+                board.end(f"failed: {e}")
+            raise
+    except OSError as e:  # disk full, ...: model.npz is written atomically, the last checkpoint is whole
+        raise OutputError(_intact(out, saved["iteration"], e)) from None
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-        hist_file.close()
+        try:
+            hist_file.close()
+        except OSError:  # its last line did not fit: the resume drops lines past the checkpoint anyway
+            pass
         if own_board:
             board.close()
-    _complete_history(hist_path, result, k0, s0)
     if terminated:
-        result.message = "stopped by SIGTERM"
+        result.message, result.status, result.success = "stopped by SIGTERM", 99, False
     finished = result.status not in (99, 130)  # ended by itself: converged, or ran its iterations
-    checkpoint(result.x, k0 + result.nit, s0 + (result.history[-1][1] if result.history else 0.0), finished)
-    _pictures(out, result, spec.config)
+    try:
+        _complete_history(hist_path, result, k0, s0)
+        checkpoint(result.x, k0 + result.nit, s0 + (result.history[-1][1] if result.history else 0.0), finished)
+        _pictures(out, result, spec.config)
+    except OSError as e:
+        raise OutputError(_intact(out, saved["iteration"], e)) from None
     if board is not None and not own_board:
         board.end(result.message, (k0 + result.nit, np.array(result.x, dtype=float)))
     session = f" ({result.nit} in this session)" if k0 else ""  # a resumed run counts all its iterations
@@ -341,6 +423,40 @@ def train(objective: Objective | None, theta0: np.ndarray, spec: RunSpec, echo: 
         f"cost {result.fun:.8f}, {time.perf_counter() - t0:.1f} s; wrote {out}/model.npz, filters.png, cost.png, "
         "history.jsonl")
     return result
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during an evaluation: ends it like Ctrl-C (the optimizer keeps the last iteration)."""
+
+
+STOP_GRACE = 2.0  # seconds a "every worker is lost" waits for the SIGTERM of the same shutdown (scancel
+#                   signals every step at once: the workers' BYEs can reach the master before its own signal)
+
+
+def _await_signal(terminated: list, seconds: float) -> None:
+    """Sleep up to ``seconds`` (signal handlers run meanwhile) unless a SIGTERM came already."""
+    deadline = time.monotonic() + seconds
+    while not terminated and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _stopped_result(best: dict, k0: int, s0: float):
+    """The result of a run stopped by SIGTERM while its workers left: the last completed iteration."""
+    from .optim import OptimizeResult
+
+    it = best["iteration"]
+    history = [] if it is None else [(it - k0, best["seconds"] - s0, best["cost"])]
+    return OptimizeResult(best["theta"], best["cost"], None, 0 if it is None else it - k0, 0, False, 99,
+                          "stopped by SIGTERM", history)
+
+
+def _intact(out: Path, iteration: int | None, e: OSError) -> str:
+    """One line: what could not be written, why, and what is intact."""
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    kept = (f"the last checkpoint, {out / 'model.npz'} at iteration {iteration}, is intact: free some space and "
+            f"continue with --resume {out}" if iteration is not None else
+            "no checkpoint was written yet: free some space and start again")
+    return f"cannot write the run's files{where} ({e.strerror or e}); {kept}"
 
 
 def _dashboard(dashboard, echo: Callable[[str], None]):

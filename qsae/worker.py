@@ -313,7 +313,8 @@ class Worker:
         if src["kind"] == "images":
             if msg.arrays:
                 raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
-            new = {b: self._extra.pop(b, None) or self._cut(b) for b in ids}
+            self._check_memory(ids)
+            new = self._prepare(lambda: {b: self._extra.pop(b, None) or self._cut(b) for b in ids})
         else:
             if len(msg.arrays) != len(ids):
                 raise ValueError(f"BLOCKS names {len(ids)} blocks but carries {len(msg.arrays)} arrays of rows")
@@ -330,6 +331,33 @@ class Worker:
         log.info("holds %d blocks (%d rows): +%s", len(self.blocks), sum(st.m for st in self.blocks.values()),
                  _span(ids))
         self.send(READY, msg.round, ids=sorted(self.blocks), seconds=time.perf_counter() - t0)
+
+    def _prepare(self, fn):
+        """Cut rows in a thread while PINGs go out: millions of rows take longer than the master's
+        worker_timeout, and a silent worker is lost. The master's PONGs queued meanwhile show
+        it is still there (the master timeout counts from them, not from the BLOCKS message)."""
+        out = self._in_thread(fn)
+        if self.sock.poll(0):
+            self._last_heard = time.monotonic()
+        return out
+
+    def _check_memory(self, ids: list) -> None:
+        """Refuse blocks this host cannot hold (rows and kept activations) before cutting them."""
+        from .errors import ConfigError
+
+        src = self.source
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        cfg = src["config"]
+        rows = sum(st.m for st in self.blocks.values()) + sum(
+            hi - lo for lo, hi in (self._bounds(b) for b in ids if b not in self.blocks))
+        need = rows * (cfg.n_visible + cfg.n_hidden + 1) * src["dtype"].itemsize
+        if need > total:
+            raise ConfigError(f"{rows:,} rows of {cfg.n_visible} values in {src['dtype']} need about "
+                              f"{need / 2**30:,.1f} GiB on this worker, but its host has {total / 2**30:,.1f} GiB of "
+                              "memory: give fewer --patches or spread them over more hosts")
 
     def _on_drop(self, msg) -> None:
         for b in msg["ids"]:

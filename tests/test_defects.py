@@ -33,9 +33,23 @@ def run(prog: str, *args: str, timeout: float = 60, cwd=None, stdin: str | None 
 
 
 def start(prog: str, *args: str, cwd=None) -> subprocess.Popen:
+    """bin/PROG ARGS in the background; its output goes to files (a pipe nobody reads can fill and
+    block it), read back by ``communicate`` as usual."""
+    import tempfile
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "bin" / prog), *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / prog), *args], env=env, cwd=cwd, stdout=out, stderr=err,
+                         text=True)
+
+    def communicate(timeout: float | None = None) -> tuple[str, str]:
+        p.wait(timeout)
+        out.seek(0)
+        err.seek(0)
+        return out.read(), err.read()
+
+    p.communicate = communicate
+    return p
 
 
 def one_line(err: str) -> str:
@@ -228,3 +242,154 @@ def test_12_a_bad_stdin_configuration_is_one_line(line, words):
     p = run("qsae-worker", "--stdin", stdin=line + "\n", timeout=30)
     assert p.returncode == 2, p.stderr[-2000:]
     assert words in one_line(p.stderr)
+
+
+# ---------------------------------------------------------------------- 2: workers cutting many rows
+def test_2_a_worker_cutting_many_rows_keeps_pinging(tmp_path):
+    """A worker cutting 1M rows (~5-8 s here) stayed silent and was lost after --worker-timeout;
+    it now cuts in a thread and pings, so the run finishes."""
+    p = run("qsae-master", "--workers", "1", "--patches", "1000000", "--iters", "2", "--worker-timeout", "3",
+            "--out", str(tmp_path / "r"), "-q", timeout=110)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "lost" not in p.stderr
+    assert load_model(tmp_path / "r" / "model.npz")[2]["iteration"] == 2
+
+
+# ---------------------------------------------------------------------- 5: one process per run folder
+def wait_for(path: Path, seconds: float = 60, check=lambda p: True, proc: subprocess.Popen | None = None) -> None:
+    """Until ``path`` exists and passes ``check``; fails at once with its output if ``proc`` ends first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the process ended ({proc.returncode}) before {path} was ready:\n{out}\n{err[-3000:]}")
+        try:
+            if path.exists() and check(path):
+                return
+        except (DataError, OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear within {seconds} s")
+
+
+def test_5_a_second_process_on_a_running_run_is_refused_naming_the_first(tmp_path):
+    run_dir = tmp_path / "r"
+    first = start("qsae-master", "--local", "--patches", "2000", "--iters", "100000", "--checkpoint-every", "5",
+                  "--out", str(run_dir), "-q")
+    try:
+        wait_for(run_dir / "model.npz", 60, proc=first)
+        second = run("qsae-master", "--local", "--resume", str(run_dir), "--iters", "100000", "-q")
+        assert second.returncode == 2, second.stderr[-2000:]
+        line = one_line(second.stderr)
+        assert f"{run_dir} is in use" in line and f"pid {first.pid} on {socket.gethostname()}" in line
+        assert first.poll() is None  # the first goes on, untouched
+    finally:
+        first.kill()  # kill -9: the OS releases the lock with the process
+        first.communicate(timeout=30)
+    done = load_model(run_dir / "model.npz")[2]["iteration"]
+    again = run("qsae-master", "--local", "--resume", str(run_dir), "--iters", str(done + 3), "-q")
+    assert again.returncode == 0, again.stderr[-2000:]
+    iterations = [json.loads(ln)["iteration"] for ln in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert iterations == list(range(done + 4))  # one run's lines, none twice
+
+
+def test_5_the_lock_is_released_when_the_process_ends(tmp_path):
+    from qsae.errors import RunLocked
+    from qsae.train import lock_run
+
+    lock = lock_run(tmp_path)
+    code = "import sys\nfrom qsae.train import lock_run\nlock_run(sys.argv[1])\nprint('locked')\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert other.returncode == 1 and "RunLocked" in other.stderr and f"pid {os.getpid()}" in other.stderr
+    lock.close()
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert other.returncode == 0 and other.stdout.strip() == "locked", other.stderr
+    with pytest.raises(RunLocked):  # a lock the process holds twice is still one process's
+        lock2 = lock_run(tmp_path)
+        lock_run(tmp_path)
+    lock2.close()
+
+
+# ---------------------------------------------------------------------- 6: stopping
+def history_of(run_dir: Path) -> list[dict]:
+    from qsae.train import read_history
+
+    return read_history(run_dir / "history.jsonl")
+
+
+def test_6_sigterm_saves_at_once_even_mid_evaluation(tmp_path):
+    """Slurm sends SIGKILL KillWait seconds after SIGTERM: θ must be on disk before anything slow.
+    A run whose evaluations take about a second gets SIGTERM, then SIGKILL 0.5 s later."""
+    run_dir = tmp_path / "r"
+    p = start("qsae-master", "--local", "--patches", "600000", "--iters", "100000", "--checkpoint-every", "100000",
+              "--out", str(run_dir), "-q")
+    try:
+        wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 3, p)
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        p.kill()
+        p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+    theta, cfg, meta = load_model(run_dir / "model.npz")  # there: saved in the signal handler
+    lines = history_of(run_dir)
+    assert meta["finished"] is False and meta["iteration"] >= 2
+    assert meta["iteration"] in [h["iteration"] for h in lines]
+
+
+def test_6_sigterm_stops_a_long_evaluation_and_exits_as_a_stop(tmp_path):
+    run_dir = tmp_path / "r"
+    p = start("qsae-master", "--local", "--patches", "600000", "--iters", "100000", "--checkpoint-every", "100000",
+              "--out", str(run_dir), "-q")
+    wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 2, p)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err[-2000:]  # stopped (status 99), as before, not a failure (2)
+    assert "stopped by SIGTERM" in out + err and "Traceback" not in err
+    meta = load_model(run_dir / "model.npz")[2]
+    assert meta["iteration"] == history_of(run_dir)[-1]["iteration"]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def test_6_workers_leaving_in_a_shutdown_is_a_stop_not_every_worker_lost(tmp_path):
+    """scancel signals every step at once: the workers' BYEs can reach the master before its own
+    SIGTERM. That is a stop with θ saved (exit 1, "stopped by SIGTERM"), not exit 2 "every
+    worker is lost ... check the workers' logs"."""
+    from tests.procs import wait_gone
+
+    run_dir = tmp_path / "r"
+    p = start("qsae-master", "--workers", "2", "--patches", "20000", "--iters", "100000", "--checkpoint-every",
+              "100000", "--worker-timeout", "60", "--out", str(run_dir), "-q")
+    try:
+        wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 3, p)
+        workers = [c for c in children(p.pid)]
+        assert len(workers) == 2
+        for w in workers:
+            os.kill(w, signal.SIGTERM)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+    assert not wait_gone(workers, 10)
+    assert p.returncode == 1, err[-3000:]
+    assert "every worker is lost" not in err and "stopped by SIGTERM" in out + err
+    meta = load_model(run_dir / "model.npz")[2]
+    assert meta["iteration"] == history_of(run_dir)[-1]["iteration"] >= 2
