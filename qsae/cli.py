@@ -334,7 +334,8 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
 def _describe_images(source: str, images: list) -> str:
     """'N images (H×W ...) from SOURCE', and for a folder which entries were skipped and why."""
     sizes = sorted({f"{img.shape[0]}×{img.shape[1]}" for img in images})
-    shown = ", ".join(sizes[:4]) + (f" and {len(sizes) - 4} more sizes" if len(sizes) > 4 else "")
+    more = len(sizes) - 4
+    shown = ", ".join(sizes[:4]) + (f" and {more} more size{'s' * (more > 1)}" if more > 0 else "")
     line = f"{len(images)} image{'s' * (len(images) != 1)} ({shown}) from {source}"
     path = Path(source).expanduser()
     if source != "builtin" and path.is_dir():
