@@ -313,3 +313,23 @@ def test_a_stale_slurm_job_id_is_named_as_such(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "allocation 987654 is not running" in r.stderr and "SLURM_JOB_ID" in r.stderr, r.stderr
     assert "cannot import qsae" not in r.stderr, r.stderr
+
+
+def test_bound_to_every_interface_the_worker_command_names_this_host(tmp_path):
+    keys = make_keys(tmp_path / "keys")
+    with pytest.raises(RoundTimeout) as e:
+        with Master(wait_for=2, keys=str(keys), bind="0.0.0.0", start_timeout=0.3):
+            pass
+    assert f"qsae-worker --connect tcp://{socket.getfqdn()}:" in str(e.value), e.value
+    assert "0.0.0.0" not in str(e.value).split("start them with")[1].split("`")[1]
+
+
+def test_an_unknown_host_key_names_a_fix_every_caller_has():
+    """SparseAutoencoder(workers=hostsfile) cannot pass --accept-new-host-keys: ssh once works for all."""
+    from types import SimpleNamespace
+
+    from qsae.launch.sshcheck import _UnknownHostKey, explain
+
+    line = explain(_UnknownHostKey("node1", "ssh-ed25519", "SHA256:abc"), SimpleNamespace(where="node1:22"), 10.0)
+    assert line.index("ssh to it once") < line.index("--accept-new-host-keys"), line
+    assert "accept_new_host_keys=True" in line, line
