@@ -56,13 +56,12 @@ def _output_delta_sigs() -> list:
 def output_delta(o, x, d, one):  # pragma: no cover (compiled)
     """o holds e^−z3 (k, n); writes δ3 = (a3 − x) ⊙ a3 ⊙ (1 − a3) into d; returns Σ (a3 − x)²."""
     sq = one - one
-    k, n = o.shape
-    for i in range(k):
-        for j in range(n):
-            a = one / (one + o[i, j])
-            r = a - x[i, j]
-            sq += r * r
-            d[i, j] = r * (a - a * a)
+    of, xf, df = o.reshape(-1), x.reshape(-1), d.reshape(-1)  # one flat loop: whole vectors across rows
+    for i in range(of.size):
+        a = one / (one + of[i])
+        r = a - xf[i]
+        sq += r * r
+        df[i] = r * (a - a * a)
     return sq
 
 
@@ -91,19 +90,17 @@ def hidden_delta(d2, a, u, s, f, col, one_round):  # pragma: no cover (compiled)
 @_jit(_sigs("void(T[:, ::1], T)"))
 def sigmoid_of_exp(u, one):  # pragma: no cover (compiled)
     """u := 1/(1 + u) in place: σ(z) from u = e^−z."""
-    k, w = u.shape
-    for i in range(k):
-        for j in range(w):
-            u[i, j] = one / (one + u[i, j])
+    uf = u.reshape(-1)
+    for i in range(uf.size):
+        uf[i] = one / (one + uf[i])
 
 
 @_jit(_sigs("void(T[:, ::1], T[:, ::1], T)"))
 def activate(u, a, one):  # pragma: no cover (compiled)
     """a = 1/(1 + u): σ(z) from u = e^−z, into a."""
-    k, w = u.shape
-    for i in range(k):
-        for j in range(w):
-            a[i, j] = one / (one + u[i, j])
+    uf, af = u.reshape(-1), a.reshape(-1)
+    for i in range(uf.size):
+        af[i] = one / (one + uf[i])
 
 
 @_jit(_sigs("void(T[:, ::1], T[:, ::1], T)"))
