@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, QsaeError
+from .errors import ConfigError, DataError, QsaeError
 
 __all__ = ["master_main", "worker_main", "build_parser"]
 
@@ -244,7 +244,8 @@ def _data_spec(args: argparse.Namespace):
     from .data import DataSpec
 
     whiten = {"auto": None, "yes": True, "no": False}[args.whiten]
-    return DataSpec(source=str(args.images), whiten=whiten, m=args.patches, patch_size=args.patch_size, seed=args.seed)
+    # an absolute path and the files' fingerprint: --resume finds the same images from any folder, or refuses
+    return DataSpec.of(str(args.images), whiten=whiten, m=args.patches, patch_size=args.patch_size, seed=args.seed)
 
 
 def _contradictions(args: argparse.Namespace, given: set[str], cfg, data: dict, meta: dict) -> list[str]:
@@ -260,7 +261,17 @@ def _contradictions(args: argparse.Namespace, given: set[str], cfg, data: dict, 
     check("patches", "--patches", args.patches, data.get("m"))
     check("patch_size", "--patch-size", args.patch_size, data.get("patch_size"))
     check("seed", "--seed", args.seed, data.get("seed"))
-    if "images" in given and str(args.images) != data.get("source") and \
+    if "images" in given and data.get("fingerprint"):  # the images moved: the same files are welcome anywhere
+        from .data import source_fingerprint
+
+        try:
+            given_print = source_fingerprint(args.images)
+        except QsaeError:
+            given_print = None
+        if given_print != data["fingerprint"]:
+            out.append(f"--images {args.images} (other images than the run's {data.get('source')}: their files' "
+                       f"fingerprint is {given_print}, the run's {data['fingerprint']})")
+    elif "images" in given and str(args.images) != data.get("source") and \
             Path(args.images).resolve() != Path(str(data.get("source"))).resolve():
         out.append(f"--images {args.images} (the run has {data.get('source')})")
     if "whiten" in given and {"auto": None, "yes": True, "no": False}[args.whiten] != data.get("whiten"):
@@ -298,6 +309,15 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
             raise ConfigError(f"--resume {args.resume}: {'; '.join(wrong)}: a resumed run keeps its data, model and "
                               f"optimizer; drop these flags, or start a new run with another --out")
         spec_data, done = DataSpec.from_dict(meta["data"]), int(meta["iteration"])
+        if "images" in given and spec_data.fingerprint:  # the run's images, found where they are now
+            from dataclasses import replace
+
+            spec_data = replace(spec_data, source=str(Path(args.images).expanduser().resolve()))
+        try:
+            spec_data.check_source()
+        except DataError as e:
+            raise DataError(f"--resume {args.resume}: {e}" + ("" if "images" in given else
+                            "; if they moved, pass --images PATH where they are now")) from None
         args.optimizer, args.dtype, args.out = meta.get("optimizer", args.optimizer), meta.get("dtype", "float64"), args.resume
         history = read_history(args.resume / "history.jsonl")
         seconds = float(meta.get("seconds", next((h["seconds"] for h in reversed(history)

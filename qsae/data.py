@@ -37,6 +37,8 @@ __all__ = [
     "BUILTIN_IMAGES",
     "DataSpec",
     "check_images",
+    "source_files",
+    "source_fingerprint",
     "check_patches_match",
     "extract_patches",
     "load_images",
@@ -129,11 +131,48 @@ def _from_npy(path: Path) -> list[np.ndarray]:
     return [np.ascontiguousarray(x) for x in a]
 
 
+def _folder_files(path: Path) -> list[Path]:
+    """The image files of a folder, in the order they are loaded (sorted by name)."""
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def _from_folder(path: Path) -> list[np.ndarray]:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _folder_files(path)
     if not files:
         raise DataError(f"{path} holds no PNG or JPEG images; put some there or pass another source")
     return [_read_image(p) for p in files]
+
+
+def source_files(source: str | os.PathLike | None) -> list[Path]:
+    """The files ``load_images(source)`` reads, in its order ([] for "builtin": scikit-image's)."""
+    if source is None or str(source) == "builtin":
+        return []
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}; pass a .mat/.npy/.npz file, a folder of PNG/JPEG, "
+                        "or 'builtin'")
+    return _folder_files(path) if path.is_dir() else [path]
+
+
+def source_fingerprint(source: str | os.PathLike | None) -> str | None:
+    """sha256 of the bytes of the files an image source reads, in load order (None for "builtin").
+
+    Two sources with the same fingerprint give the same images, wherever they lie and whatever
+    the files are called; a changed, added, removed or reordered image changes it. The files'
+    bytes, not the decoded arrays: decoding and whitening may round differently elsewhere.
+    """
+    import hashlib
+
+    files = source_files(source)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.stat().st_size}\n".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -427,6 +466,7 @@ class DataSpec:
     m: int = 10_000  # patches
     patch_size: int = 8  # side of a patch
     seed: int = 0  # patch positions
+    fingerprint: str | None = None  # source_fingerprint(source): the same images, or a refusal (None: unchecked)
 
     def to_dict(self) -> dict:
         """The fields as a plain dict."""
@@ -437,8 +477,27 @@ class DataSpec:
         """Inverse of ``to_dict``."""
         return cls(**d)
 
+    @classmethod
+    def of(cls, source: str | os.PathLike = "builtin", **fields) -> "DataSpec":
+        """A spec whose source is an absolute path (found again from any folder) and which
+        records the source's fingerprint (a resume finds the same images or refuses)."""
+        if str(source) != "builtin":
+            source = str(Path(source).expanduser().resolve())
+        return cls(source=str(source), fingerprint=source_fingerprint(source), **fields)
+
+    def check_source(self) -> None:
+        """Raise a DataError unless the source holds the images this spec was made from."""
+        if self.fingerprint is None:
+            return
+        now = source_fingerprint(self.source)
+        if now != self.fingerprint:
+            raise DataError(f"the images at {self.source} are not the ones this data set was made from (their "
+                            f"files' fingerprint is {now}, the data set's {self.fingerprint}): restore them, or "
+                            "point to where the original images are now")
+
     def images(self) -> list[np.ndarray]:
-        """The prepared (loaded, maybe whitened) images."""
+        """The prepared (loaded, maybe whitened) images; checked against the fingerprint."""
+        self.check_source()
         return load_images(self.source, whiten=self.whiten)
 
     def build(self, lo: int = 0, hi: int | None = None, dtype: DTypeLike = np.float64) -> np.ndarray:

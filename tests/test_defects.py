@@ -393,3 +393,96 @@ def test_6_workers_leaving_in_a_shutdown_is_a_stop_not_every_worker_lost(tmp_pat
     assert "every worker is lost" not in err and "stopped by SIGTERM" in out + err
     meta = load_model(run_dir / "model.npz")[2]
     assert meta["iteration"] == history_of(run_dir)[-1]["iteration"] >= 2
+
+
+# ---------------------------------------------------------------------- 11: disk full
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB tmpfs (root only): room for a few checkpoints of the default model and a few
+    hundred history lines, so a long run fills it."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {r.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_11_a_full_disk_is_one_line_and_the_last_checkpoint_is_intact(small_disk, tmp_path):
+    run_dir = small_disk / "r"
+    p = run("qsae-master", "--local", "--patches", "2000", "--iters", "100000", "--checkpoint-every", "5",
+            "--out", str(run_dir), "-q", timeout=110)
+    assert p.returncode == 2, p.stderr[-3000:]
+    line = one_line(p.stderr)
+    assert "No space left on device" in line and "is intact" in line and f"--resume {run_dir}" in line
+    theta, cfg, meta = load_model(run_dir / "model.npz")  # whole: written atomically
+    assert f"at iteration {meta['iteration']}," in line and meta["iteration"] >= 5
+    lines = history_of(run_dir)
+    assert meta["iteration"] in [h["iteration"] for h in lines]
+    # once there is room again the run goes on from that checkpoint
+    subprocess.run(["cp", "-r", str(run_dir), str(tmp_path / "moved")], check=True)
+    again = run("qsae-master", "--local", "--resume", str(tmp_path / "moved"), "--iters", str(meta["iteration"] + 2),
+                "-q")
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- 4: resume finds the same images
+def photos(folder: Path, seed: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_4_resume_finds_the_runs_images_from_any_folder_or_refuses(tmp_path):
+    a, b, c = (tmp_path / x for x in "abc")
+    photos(a / "photos", 1)
+    b.mkdir()
+    photos(c / "photos", 2)  # other images under the same relative name
+    common = ["--local", "--patches", "500", "--checkpoint-every", "1", "-q"]
+    p = run("qsae-master", *common, "--images", "photos", "--iters", "2", "--out", "run", cwd=a)
+    assert p.returncode == 0, p.stderr[-2000:]
+    data = load_model(a / "run" / "model.npz")[2]["data"]
+    assert data["source"] == str(a / "photos") and data["fingerprint"].startswith("sha256:")
+
+    p = run("qsae-master", *common, "--resume", str(a / "run"), "--iters", "3", cwd=b)  # from elsewhere
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("qsae-master", *common, "--resume", "run", "--images", str(a / "photos"), "--iters", "4", cwd=a)
+    assert p.returncode == 0, p.stderr[-2000:]  # the same folder given absolute
+
+    p = run("qsae-master", *common, "--resume", str(a / "run"), "--images", "photos", "--iters", "5", cwd=c)
+    assert p.returncode == 2  # another photos/ was trained on silently
+    assert "other images than the run's" in one_line(p.stderr)
+
+    (a / "photos").rename(tmp_path / "moved")  # moved: named, and found with --images
+    p = run("qsae-master", *common, "--resume", str(a / "run"), "--iters", "5", cwd=b)
+    assert p.returncode == 2 and "--images PATH" in one_line(p.stderr)
+    p = run("qsae-master", *common, "--resume", str(a / "run"), "--images", str(tmp_path / "moved"), "--iters", "5",
+            cwd=b)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert load_model(a / "run" / "model.npz")[2]["iteration"] == 5
+
+    first = tmp_path / "moved" / "0.png"  # changed in place: refused, naming the difference
+    first.write_bytes((c / "photos" / "0.png").read_bytes())
+    p = run("qsae-master", *common, "--resume", str(a / "run"), "--images", str(tmp_path / "moved"), "--iters", "6",
+            cwd=b)
+    assert p.returncode == 2 and "fingerprint" in one_line(p.stderr)
+
+
+def test_4_dataspec_checks_its_images(tmp_path):
+    from qsae.data import DataSpec
+
+    spec = DataSpec.of(photos(tmp_path / "p", 1), m=100)
+    assert Path(spec.source).is_absolute() and len(spec.images()) == 2
+    (tmp_path / "p" / "1.png").unlink()
+    with pytest.raises(DataError, match="not the ones"):
+        spec.images()
+    assert DataSpec.of("builtin").fingerprint is None
