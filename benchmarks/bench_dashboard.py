@@ -18,6 +18,7 @@ alone, no browser competing for the cores).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -38,14 +39,41 @@ from qsae.model import SAEConfig, init_params  # noqa: E402
 from qsae.train import RunSpec, board_feed  # noqa: E402
 
 
-def phase(objective, board: Dashboard, theta: np.ndarray, seconds: float, start_it: int) -> tuple[int, float]:
-    """Evaluate for ``seconds``; (evaluations, evaluations per second)."""
-    n, t0 = 0, time.perf_counter()
+def tree_cpu(root: int | None) -> float:
+    """CPU seconds (user + system) of ``root`` and all its descendants, from /proc."""
+    if root is None:
+        return 0.0
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(") ", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    keep, total = {root}, 0.0
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _) in stats.items():
+            if ppid in keep and pid not in keep:
+                keep.add(pid)
+                changed = True
+    return sum(stats[p][1] for p in keep if p in stats)
+
+
+def phase(objective, board: Dashboard, theta: np.ndarray, seconds: float, start_it: int,
+          browser_pid: int | None = None) -> tuple[int, float, float, float]:
+    """Evaluate for ``seconds``; (evaluations, evaluations per second, this process's CPU
+    seconds per wall second (master and server threads), the browser's)."""
+    n, t0, c0, b0 = 0, time.perf_counter(), time.process_time(), tree_cpu(browser_pid)
     while time.perf_counter() - t0 < seconds:
         cost, grad = objective(theta)
         n += 1
         board.iteration(start_it + n, time.perf_counter() - t0, cost, float(np.linalg.norm(grad)), theta)
-    return n, n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return n, n / wall, (time.process_time() - c0) / wall, (tree_cpu(browser_pid) - b0) / wall
 
 
 class Poller:
@@ -75,13 +103,14 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
     cfg = SAEConfig()
     theta = init_params(cfg, seed=0)
     rates = {"closed": [], "open": []}
+    cpu = {"closed": [], "open": []}
     with Master(workers=2, config=cfg, dtype="float32") as master, Dashboard() as board:
         master.scatter_images(load_images(), m=patches, seed=0)
         spec = RunSpec(config=cfg, data={"m": patches}, maxiter=10**9, meta={"dtype": "float32"})
         objective = board_feed(board, master, spec, [])
         phase(objective, board, theta, 1.0, 0)  # warm up: speeds measured, blocks settled
         it = 10**6
-        browser_ctx = None
+        browser_ctx, browser_pid = None, None
         if client == "browser":
             import browser
 
@@ -90,6 +119,7 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
                 raise SystemExit(f"bench_dashboard: no browser: {why} (or --client http)")
             browser_ctx = browser.chromium()
             driver = browser_ctx.__enter__()
+            browser_pid = driver.service.process.pid  # chromedriver: chromium and its renderers below it
         try:
             for k in range(pairs):
                 for state in ("closed", "open") if k % 2 == 0 else ("open", "closed"):
@@ -97,15 +127,18 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
                         driver.get(board.url + "?refresh=100" if state == "open" else "about:blank")
                         if state == "open":
                             time.sleep(0.5)  # the page loaded and polling
-                        n, rate = phase(objective, board, theta, seconds, it)
+                        n, rate, own, other = phase(objective, board, theta, seconds, it, browser_pid)
                     elif state == "open":
                         with Poller(board.url):
-                            n, rate = phase(objective, board, theta, seconds, it)
+                            n, rate, own, other = phase(objective, board, theta, seconds, it)
                     else:
-                        n, rate = phase(objective, board, theta, seconds, it)
+                        n, rate, own, other = phase(objective, board, theta, seconds, it)
                     it += n
                     rates[state].append(rate)
-                    print(f"  {client:<8} {state:<7} {n:6d} evaluations  {rate:8.1f} /s", flush=True)
+                    cpu[state].append((own / rate * 1e3, other))
+                    print(f"  {client:<8} {state:<7} {n:6d} evaluations  {rate:8.1f} /s   master+server "
+                          f"{own / rate * 1e3:6.2f} ms CPU an evaluation   browser {other * 100:5.1f}% of a core",
+                          flush=True)
             if client == "browser":
                 driver.get(board.url + "?refresh=100")
                 time.sleep(1.5)
@@ -114,7 +147,7 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
         finally:
             if browser_ctx is not None:
                 browser_ctx.__exit__(None, None, None)
-    return rates
+    return rates, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = []
     for client in (("browser", "http") if args.client == "both" else (args.client,)):
-        rates = measure(client, args.pairs, args.seconds, args.patches)
+        rates, cpu = measure(client, args.pairs, args.seconds, args.patches)
         closed, opened = statistics.median(rates["closed"]), statistics.median(rates["open"])
-        rows.append((client, closed, opened, opened / closed))
-    print(f"\n{'page open by':<14}{'closed /s':>11}{'open /s':>11}{'open/closed':>13}")
-    for client, closed, opened, ratio in rows:
-        print(f"{client:<14}{closed:>11.1f}{opened:>11.1f}{ratio:>13.3f}")
+        own = {k: statistics.median(c[0] for c in v) for k, v in cpu.items()}
+        other = {k: statistics.median(c[1] for c in v) for k, v in cpu.items()}
+        rows.append((client, closed, opened, opened / closed, own["closed"], own["open"], other["open"] - other["closed"]))
+    print(f"\n{'page open by':<14}{'closed /s':>11}{'open /s':>11}{'open/closed':>13}{'master ms/eval closed':>23}"
+          f"{'open':>8}{'browser extra':>15}")
+    for client, closed, opened, ratio, own_c, own_o, extra in rows:
+        extra_s = f"{extra * 100:.1f}% core" if client == "browser" else "-"
+        print(f"{client:<14}{closed:>11.1f}{opened:>11.1f}{ratio:>13.3f}{own_c:>23.3f}{own_o:>8.3f}{extra_s:>15}")
     print(f"(medians of {args.pairs} alternating phases of {args.seconds:g} s; 2 workers, {args.patches} patches, float32)")
     return 0
 

@@ -50,7 +50,8 @@ __all__ = ["Dashboard", "parse_address", "DEFAULT_ADDRESS"]
 log = logging.getLogger("qsae.dashboard")
 
 DEFAULT_ADDRESS = "127.0.0.1:0"  # loopback, any free port
-FILTERS_EVERY = 5  # iterations between published filters (a PNG costs ~2 ms to render)
+FILTERS_EVERY = 5  # iterations between published filters ...
+FILTERS_SECONDS = 2.0  # ... and seconds: each is a PNG drawn in the server (1-9 ms holding the GIL)
 WORKERS_EVERY = 0.25  # seconds between samples of the workers' table during a run
 MAX_EVENTS = 500  # events kept for the page (workers.jsonl keeps them all)
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request (no idle thread holds on)
@@ -106,6 +107,7 @@ class Dashboard:
         self._info: dict[str, Any] = {"state": "starting", "evaluations": 0}
         self._settings: dict[str, Any] = {}
         self._filters: tuple[int, np.ndarray, Any] | None = None  # (iteration, θ, config)
+        self._filters_at = 0.0  # time.monotonic() of the last published filters
         self._png: tuple[int, bytes] | None = None  # the last rendered filters (server side only)
         self._png_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -172,11 +174,14 @@ class Dashboard:
     def iteration(self, iteration: int, seconds: float, cost: float, grad_norm: float,
                   theta: np.ndarray | None = None) -> None:
         """A completed iteration. ``theta`` is kept by reference (the caller must not change it
-        afterwards) and drawn as filters every ``FILTERS_EVERY`` iterations."""
+        afterwards) and drawn as filters every ``FILTERS_EVERY`` iterations and
+        ``FILTERS_SECONDS`` seconds at most."""
         with self._lock:
             self._history.append([int(iteration), float(seconds), float(cost), float(grad_norm)])
-            if theta is not None and (self._filters is None or iteration - self._filters[0] >= FILTERS_EVERY):
-                self._filters = (int(iteration), theta, getattr(self, "_config", None))
+            now = time.monotonic()
+            if theta is not None and (self._filters is None or (iteration - self._filters[0] >= FILTERS_EVERY
+                                                                and now - self._filters_at >= FILTERS_SECONDS)):
+                self._filters, self._filters_at = (int(iteration), theta, getattr(self, "_config", None)), now
 
     def evaluations(self, n: int) -> None:
         """The cost function has been evaluated ``n`` times."""
@@ -265,15 +270,15 @@ def _json_safe(v: Any) -> Any:
     return str(v)
 
 
-def _render_filters(theta: np.ndarray, config: Any, scale: int = 6) -> bytes:
+def _render_filters(theta: np.ndarray, config: Any) -> bytes:
+    """One pixel a weight (the page enlarges it, pixelated): ~0.3 ms where a 6× PNG took 8."""
     from PIL import Image  # a dependency of matplotlib
 
     from .viz import filter_grid
 
-    grid = filter_grid(theta, config)
-    big = np.kron(grid, np.ones((scale, scale)))
+    grid = np.round(filter_grid(theta, config) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(np.round(big * 255).astype(np.uint8)).save(buf, format="png")
+    Image.fromarray(grid).save(buf, format="png")
     return buf.getvalue()
 
 
@@ -358,7 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
 def _page(board: Dashboard) -> bytes:
     token = json.dumps(board.token or "")
     return (_HTML.replace("__TOKEN__", token).replace("__REFRESH__", str(int(board.refresh * 1000)))
-            .replace("__FILTERS_EVERY__", str(FILTERS_EVERY))).encode()
+            ).encode()
 
 
 _HTML = r"""<!DOCTYPE html>
@@ -385,7 +390,7 @@ svg .ax{stroke:#999;stroke-width:1} svg text{font-size:10px;fill:#555}
 svg polyline{fill:none;stroke:#1f6fd0;stroke-width:1.5}
 #events{max-height:260px;overflow:auto} #events td{text-align:left;white-space:normal}
 #settings td{white-space:normal;text-align:left}
-#filters{image-rendering:pixelated;max-width:100%;border:1px solid #ccc}
+#filters{image-rendering:pixelated;max-width:100%;border:1px solid #ccc;width:330px}
 #status.bad{color:#f88}
 </style></head><body>
 <header><h1>qsae</h1>
@@ -413,8 +418,8 @@ svg polyline{fill:none;stroke:#1f6fd0;stroke-width:1.5}
 "use strict";
 const TOKEN = __TOKEN__, REFRESH = Number(new URLSearchParams(location.search).get("refresh")) || __REFRESH__;
 const H = [];  // [iteration, seconds, cost, |grad|]
-const MAX_DRAWN = 1500;  // points drawn a curve (more cost the browser CPU and add nothing at 400 px)
-let filtersShown = null, lastEvent = 0, drawn = -1, failures = 0;
+const DRAW_EVERY = 500;  // ms between redraws of the curves at most (polls may come faster: ?refresh=100)
+let filtersShown = null, lastEvent = 0, drawn = -1, drawnAt = 0, failures = 0, tables = "";
 const $ = id => document.getElementById(id);
 const q = p => p + (TOKEN ? (p.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN) : "");
 const fmt = (v, d) => v == null ? "-" : Number(v).toPrecision(d || 6);
@@ -443,6 +448,7 @@ function plot(svg, xs, ys, logy) {
   svg.setAttribute("viewBox", `0 0 ${W} ${Ht}`);
   svg.replaceChildren();
   svg.dataset.points = pts.length;
+  const MAX_DRAWN = Math.max(100, Math.round(W));  // a point a pixel: more cost the browser CPU and show nothing
   if (pts.length > MAX_DRAWN) {  // long runs: a bounded polyline, the last point kept
     const k = Math.ceil(pts.length / MAX_DRAWN), last = pts[pts.length - 1];
     pts.splice(0, pts.length, ...pts.filter((_, i) => i % k === 0), last);
@@ -480,8 +486,9 @@ function show(s) {
   $("evals").textContent = i.evaluations;
   $("seconds").textContent = last ? last[1].toFixed(1) : "-";
   $("eta").textContent = i.state === "running" ? dur(i.eta) : "-";
-  if (H.length !== drawn) {  // redraw only when points came
-    drawn = H.length;
+  // redraw when points came, at most every DRAW_EVERY ms (a poll without new points draws what waits)
+  if (H.length !== drawn && (Date.now() - drawnAt >= DRAW_EVERY || !s.history.length)) {
+    drawn = H.length; drawnAt = Date.now();
     const it = H.map(r => r[0]);
     plot($("cost_it"), it, H.map(r => r[2]), true);
     plot($("cost_s"), H.map(r => r[1]), H.map(r => r[2]), true);
@@ -492,15 +499,8 @@ function show(s) {
     $("filters").src = q("filters.png?it=" + filtersShown);
     $("filters_it").textContent = "(iteration " + filtersShown + ")";
   }
-  const wb = $("workers").tBodies[0], hb = $("hosts").tBodies[0], hosts = {};
-  wb.replaceChildren(); hb.replaceChildren();
-  for (const w of s.workers) {
-    row(wb, [w.name, w.host, w.state, num(w.rows), w.blocks, num(w.rows_per_s),
-             w.seconds == null ? "-" : (w.seconds * 1000).toFixed(1), w.backups], w.state);
-    const h = hosts[w.host] || (hosts[w.host] = {n: 0, active: 0, rows: 0, rate: 0});
-    h.n++; if (w.state === "active") { h.active++; h.rows += w.rows; h.rate += w.rows_per_s || 0; }
-  }
-  for (const [name, h] of Object.entries(hosts)) row(hb, [name, h.n, h.active, num(h.rows), num(h.rate)]);
+  const key = JSON.stringify([s.workers, s.settings]);
+  if (key !== tables) { tables = key; showTables(s); }
   const eb = $("events").querySelector("tbody");
   for (const e of s.events) {
     if (e.n <= lastEvent) continue;
@@ -511,6 +511,17 @@ function show(s) {
     }
     eb.insertBefore(tr, eb.firstChild);
   }
+}
+function showTables(s) {  // only when they changed: a DOM rebuild costs layout
+  const wb = $("workers").tBodies[0], hb = $("hosts").tBodies[0], hosts = {};
+  wb.replaceChildren(); hb.replaceChildren();
+  for (const w of s.workers) {
+    row(wb, [w.name, w.host, w.state, num(w.rows), w.blocks, num(w.rows_per_s),
+             w.seconds == null ? "-" : (w.seconds * 1000).toFixed(1), w.backups], w.state);
+    const h = hosts[w.host] || (hosts[w.host] = {n: 0, active: 0, rows: 0, rate: 0});
+    h.n++; if (w.state === "active") { h.active++; h.rows += w.rows; h.rate += w.rows_per_s || 0; }
+  }
+  for (const [name, h] of Object.entries(hosts)) row(hb, [name, h.n, h.active, num(h.rows), num(h.rate)]);
   const sb = $("settings").tBodies[0];
   sb.replaceChildren();
   for (const [k, v] of Object.entries(s.settings))
