@@ -22,6 +22,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: one co
 import numpy as np  # noqa: E402
 
 from qsae import SAEConfig, cost_and_grad, init_params, load_images, sample_patches  # noqa: E402
+from qsae.bench import machine  # noqa: E402
 from qsae.model import unpack  # noqa: E402
 from qsae.optim import minimize  # noqa: E402
 
@@ -61,6 +62,7 @@ def main() -> None:
     rows = compare(10_000, 400, images)
     if args.report:
         rows += compare(100_000, 500, images)
+    print(f"# {machine()}\n")
     print("| workload | dtype | final cost | its θ's cost in float64 | iterations | evaluations | seconds "
           "| / float64 | filters like float64's |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -105,7 +105,7 @@ while d.poll(30000):
     else:
         msg = decode(frames)
         out = OPS["sums"](st, msg.arrays[0]) if mode == "compute" else vec
-        send(d, encode(RESULT, msg.round, [out[None, :]], ids=[0], rows=10, seconds=0.0))
+        send(d, encode(RESULT, msg.round, [out[None, :]], ids=[0], nodes=[0], rows=10, seconds=0.0))
 """
 
 

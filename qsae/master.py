@@ -58,11 +58,12 @@ from .membership import JOINING, LEAVING, LOST, SPEED_SAMPLES, Membership, Worke
 from .model import SAEConfig, Sums, chunk_rows
 from .placement import MAX_BLOCKS, WorkerView, block_bounds, block_rows_for, plan
 from .protocol import (
-    BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_ARRAYS, MAX_HEADER_BYTES, PING, PONG, READY, RESULT,
-    SOURCE, STOP, decode, encode, send,
+    BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_ARRAYS, MAX_HEADER_BYTES, MAX_RESULT_ROWS, PING, PONG,
+    READY, RESULT, SOURCE, STOP, decode, encode, send,
 )
 from .reduce import PER_BLOCK, make_reducer
 from .rounds import Round
+from . import tree
 
 __all__ = ["Master", "WorkerInfo"]
 
@@ -70,17 +71,18 @@ log = logging.getLogger("qsae.master")
 
 CHUNK_BYTES = 8 * 1024 * 1024  # rows of an array source per BLOCKS message
 MAX_DRAIN = 1000  # messages handled per poll before the round checks its deadlines again
+REJECT_LOG_SECONDS = 10.0  # at most one line this often about rejected messages (with the count)
 DTYPES = ("float64", "float32")
 BALANCES = ("measured", "static")
 
 
-def _max_inbound(config: SAEConfig, max_blocks: int) -> int:
+def _max_inbound(config: SAEConfig, max_rows: int) -> int:
     """ZMQ_MAXMSGSIZE of the ROUTER (libzmq checks each frame): a bit above the largest frame a
-    worker may send — a header (an ERROR's traceback) or a RESULT of one-round Sums rows for
-    every block (the longest result of the ops in reduce.OPS). A new op with a longer result
-    must raise this."""
+    worker may send — a header (an ERROR's traceback, a RESULT's ids) or a RESULT of ``max_rows``
+    one-round Sums rows (the longest result of the ops in reduce.OPS; a row per tree node). A
+    new op with a longer result must raise this."""
     row = max(Sums.size(config, one_round=True), config.n_params + 1)
-    largest = max(MAX_HEADER_BYTES, 8 * row * max_blocks)
+    largest = max(MAX_HEADER_BYTES, 8 * row * max_rows)
     return largest + largest // 4 + 4096
 
 
@@ -189,7 +191,9 @@ class Master:
         self._sock: zmq.Socket | None = None
         self._gate: CurveGate | None = None
         self._closed = False
-        self._last_reject_log = 0.0
+        self._last_reject_log = -math.inf
+        self._rejects = 0  # rejected since the last line about them
+        self._kernels_warned = False  # the differing-BLAS warning is given once a run
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "Master":
@@ -213,7 +217,7 @@ class Master:
         return self.members.workers
 
     def status(self) -> list[dict]:
-        """One dict per worker (name, host, pid, state, rows, blocks, seconds, rows_per_s)."""
+        """One dict per worker (name, host, pid, state, rows, blocks, seconds, rows_per_s, blas)."""
         with self._lock:
             return self.members.status()
 
@@ -235,7 +239,7 @@ class Master:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.router_mandatory = 1  # sending to a vanished worker raises instead of dropping silently
-        sock.maxmsgsize = _max_inbound(self.config, MAX_BLOCKS)  # a larger frame drops its connection unread
+        sock.maxmsgsize = _max_inbound(self.config, MAX_RESULT_ROWS)  # a larger frame drops its connection unread
         if self.curve:
             self._gate = CurveGate(self._ctx, self.keys)
             self._gate.secure(sock)  # before bind
@@ -411,10 +415,22 @@ class Master:
         return out
 
     def _reject(self, ident: bytes, why: str) -> None:
+        """Answer a message the master does not take with ERROR; log it, a line per
+        ``REJECT_LOG_SECONDS`` at most with the count since the last (garbage must not flood
+        the log), the sender named where it was a worker. A worker dropped while unreachable
+        that comes back is told so and says HELLO again: that is logged at INFO, not warned."""
         now = time.monotonic()
-        if now - self._last_reject_log > 1.0:  # rate-limited: garbage must not flood the log
-            log.warning("rejected a message from %s: %s", ident.hex()[:16], why)
-            self._last_reject_log = now
+        self._rejects += 1
+        gone = next((w for w in self.members.gone.values() if w.ident == ident), None)
+        who = f"{gone.name} ({gone.state})" if gone is not None else f"an unknown peer ({ident.hex()[:10]})"
+        if gone is not None and "never said HELLO" in why:
+            if now - self._last_reject_log > REJECT_LOG_SECONDS:
+                log.info("%s is back and no member now: told to say HELLO again", who)
+                self._last_reject_log, self._rejects = now, 0
+        elif now - self._last_reject_log > REJECT_LOG_SECONDS:
+            more = f" ({self._rejects - 1} more rejected since the last such line)" if self._rejects > 1 else ""
+            log.warning("rejected a message from %s: %s%s", who, why, more)
+            self._last_reject_log, self._rejects = now, 0
         try:
             self._send(ident, ERROR, etype="ProtocolError", message=why[:2000], traceback="", host="master")
         except zmq.ZMQError:
@@ -429,7 +445,18 @@ class Master:
             log.debug("%s said HELLO again; it is a member already", msg["name"])
             return
         cores = min(max(1, msg["cores"]), 4096)  # static balance uses it: keep it sane
-        self.members.join(ident, msg["name"], msg["host"], msg["pid"], cores)
+        self.members.join(ident, msg["name"], msg["host"], msg["pid"], cores, msg["blas"])
+        self._check_kernels()
+
+    def _check_kernels(self) -> None:
+        """Warn once a run when the workers' BLAS kernels differ: bits then depend on placement."""
+        kernels = collections.Counter(w.blas for w in self._workers.values())
+        if len(kernels) > 1 and not self._kernels_warned:
+            self._kernels_warned = True
+            log.warning("workers run different BLAS kernels (%s): a block's sums round differently on each, so "
+                        "the cost depends on which worker computes which block (to float precision, not bit for "
+                        "bit); give every host the same numpy/OpenBLAS build and OPENBLAS_CORETYPE for equal bits",
+                        "; ".join(f"{k or 'unknown'} on {n} workers" for k, n in kernels.items()))
 
     def _bye(self, w: WorkerInfo) -> None:
         """A worker leaves (SIGTERM, Ctrl-C): its blocks go to the others before the next round."""
@@ -719,7 +746,7 @@ class Master:
             log.debug("dropped a late RESULT of round %d from %s (round %d runs)", msg.round, w.name, rnd.number)
             return
         ids, out = msg["ids"], msg.arrays[0]
-        rows_expected = len(ids) if rnd.per_block else 1
+        rows_expected = len(msg["nodes"]) if rnd.per_block else 1
         if width is not None and out.shape != (rows_expected, width):
             log.error("worker %s returned results of shape %s, this run's model needs %s: another model or qsae "
                       "version; it is dropped", w.name, out.shape, (rows_expected, width))
@@ -728,9 +755,18 @@ class Master:
         if not math.isfinite(out.sum()):  # any NaN or Inf makes the sum so; one pass, no temporary
             raise NumericalError(f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round "
                                  f"{rnd.number} ({rnd.op}); the run stops here with the last good θ saved")
+        nodes = None
+        if rnd.per_block:  # rows of the summation tree's nodes: exactly the ones its blocks make
+            try:
+                nodes = [tree.decode(c, len(self._sizes)) for c in msg["nodes"]]
+                tree.check_cover(nodes, ids, len(self._sizes))
+            except ProtocolError as e:
+                log.error("worker %s: %s; it is dropped", w.name, e)
+                self._drop([w.ident], LOST, str(e))
+                return
         if len(ids) == len(w.blocks) and w.blocks.issuperset(ids):  # its own blocks, not a backup: its time
             w.eval_rows, w.eval_seconds = msg["rows"], w.eval_seconds + msg["seconds"]
-        rnd.accept(w.ident, ids, out)
+        rnd.accept(w.ident, ids, out, nodes)
 
     def _back_up(self, rnd: Round, straggler: bytes, arg: np.ndarray, data) -> None:
         """Ask the idle workers to compute a straggler's blocks too (they cut them from the images)."""
@@ -740,11 +776,14 @@ class Master:
         if not backups:
             return
         w = self._workers.get(straggler)
-        log.info("round %d: %s is late (%.2f s, predicted %.2f s); %s compute its blocks too", rnd.number,
-                 w.name if w else "?", time.monotonic() - rnd.started, rnd.predicted.get(straggler) or float("nan"),
+        p = rnd.predicted.get(straggler)
+        log.info("round %d: %s is late (%.2f s, %s); %s compute its blocks too", rnd.number,
+                 w.name if w else "?", time.monotonic() - rnd.started,
+                 f"predicted {p:.2f} s" if p else f"the others took {statistics.median(rnd.finished.values()):.2f} s",
                  ", ".join(self._workers[k].name for k in backups))
         self.stats["backups"] += 1
         self.backups_by.update({self._workers[k].name: len(ids) for k, ids in backups.items()})
+        self.stats[f"backups of {rnd.op}"] += 1  # which round of the evaluation straggled
         for ident, ids in backups.items():
             self._send_frames(ident, (ident, encode(EVAL, rnd.number, [arg], op=rnd.op, ids=ids,
                                                            evaluation=rnd.evaluation)[0], data))
@@ -756,8 +795,8 @@ class Master:
         evaluation has its blocks handed to the others and the whole evaluation runs again,
         so the optimizer never sees a partial sum.
         """
-        if not self._source:
         self._check_started()
+        if not self._source:
             raise ConfigError("no data on the workers: call master.scatter(X) or master.scatter_images(...) first")
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         with self._lock:
@@ -777,7 +816,6 @@ class Master:
                     self._lost(lost)
 
     def fit(self, theta0: np.ndarray | None = None, method: str = "lbfgs", maxiter: int = 400, callback=None,
-        self.stats[f"backups of {rnd.op}"] += 1  # which round of the evaluation straggled
             seed: int = 0, **options):
         """Minimise the distributed cost from θ0 (default ``init_params(config, seed)``)."""
         from .model import init_params

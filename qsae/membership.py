@@ -43,6 +43,7 @@ class WorkerInfo:
     pid: int
     cores: int
     last_heard: float
+    blas: str = ""  # library, version and kernel (HELLO): sums' bits depend on it
     last_sent: float = 0.0
     state: str = JOINING
     blocks: set = field(default_factory=set)  # block ids it holds
@@ -90,10 +91,10 @@ class Membership:
     def joining(self) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.state == JOINING]
 
-    def join(self, ident: bytes, name: str, host: str, pid: int, cores: int) -> WorkerInfo:
+    def join(self, ident: bytes, name: str, host: str, pid: int, cores: int, blas: str = "") -> WorkerInfo:
         """A HELLO: a new member, or one lost earlier that came back."""
         back = self.gone.pop(name, None)
-        w = WorkerInfo(ident, name, host, pid, cores, time.monotonic())
+        w = WorkerInfo(ident, name, host, pid, cores, time.monotonic(), blas=blas)
         self.workers[ident] = w
         self.event("return" if back is not None and back.state == LOST else "join",
                    f"{name} (host {host}, pid {pid}, {cores} cores)")
@@ -114,13 +115,13 @@ class Membership:
         return w
 
     def status(self) -> list[dict]:
-        """One dict per worker: name, host, pid, state, rows, blocks, seconds, rows_per_s."""
+        """One dict per worker: name, host, pid, state, rows, blocks, seconds, rows_per_s, blas."""
         out = []
         for w in [*self.workers.values(), *self.gone.values()]:
             held = sorted(w.blocks) if w.state in (ACTIVE, JOINING) else []
             out.append({"name": w.name, "host": w.host, "pid": w.pid, "state": w.state,
                         "rows": sum(self.block_rows(b) for b in held), "blocks": len(held),
-                        "seconds": w.seconds, "rows_per_s": w.speed})
+                        "seconds": w.seconds, "rows_per_s": w.speed, "blas": w.blas})
         return out
 
     def event(self, kind: str, detail: str) -> None:

@@ -1,9 +1,10 @@
 """Blocks of rows and the pure planner that decides which worker holds which block.
 
-The data set's m rows are cut into fixed blocks (``block_bounds``); a block is the unit a
-worker holds, the unit that moves, and the unit of a straggler's backup. Workers return one
-result per block and the master adds them in block order, so any placement gives the same
-sums, bit for bit.
+The data set's m rows are cut into fixed blocks (``block_bounds``, sizes of m alone); a block
+is the unit a worker holds, the unit that moves, and the unit of a straggler's backup. Block
+sums are added along one fixed tree over the block ids (``qsae.tree``), so any placement
+gives the same sums, bit for bit; a worker sends one row per tree node its blocks make, so
+the planner places ranges of blocks (placed in block order, moved from a range's ends).
 
 ``plan`` is a pure function of a snapshot — the workers, their measured speed, the blocks
 each holds and the blocks nobody holds — and returns the moves to make. It knows nothing of
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Hashable, Sequence
+
+from . import tree
 
 __all__ = [
     "BLOCK_ROWS",
@@ -163,20 +166,32 @@ def plan(workers: Sequence[WorkerView], sizes: Sequence[int], *, move_seconds: f
         rows[dst] += sizes[b]
         return Move(b, src, dst)
 
-    # 1. every block must have a holder: largest first, each to whoever finishes it soonest
-    orphans = sorted((b for b in range(len(sizes)) if b not in owner), key=lambda b: (-sizes[b], b))
-    placed = [give(b, None, min(speed, key=lambda k: (finish(k, sizes[b]), str(k)))) for b in orphans]
+    # 1. every block must have a holder: in block order, each to the holder of the block before
+    #    it while that one stays within its fair share, else to whoever finishes it soonest — so
+    #    placed blocks form ranges (a few tree nodes, a few result rows, a worker)
+    fair = sum(sizes) / sum(speed.values())  # seconds of a perfectly balanced round
+    placed: list[Move] = []
+    for b in (b for b in range(len(sizes)) if b not in owner):
+        k = owner.get(b - 1)
+        if k is None or finish(k, sizes[b]) > fair + 0.5 * sizes[b] / speed[k]:
+            k = min(speed, key=lambda k: (finish(k, sizes[b]), str(k)))
+        placed.append(give(b, None, k))
+        owner[b] = k
 
-    # 2. balance: the slowest worker gives one block at a time while that shortens the round
+    # 2. balance: the slowest worker gives one block at a time while that shortens the round,
+    #    an end of one of its ranges, the one that leaves both sides the fewest tree nodes
     before = max(finish(k) for k in speed)
     moves: list[Move] = []
     for _ in range(len(sizes) * len(speed)):  # bounded: each move strictly lowers the maximum
         slow = max(speed, key=lambda k: (finish(k), str(k)))
         if not held[slow]:
             break
-        b = min(held[slow], key=lambda b: (sizes[b], b))  # the smallest block: the finest step
-        dst = min((k for k in speed if k != slow), key=lambda k: (finish(k, sizes[b]), str(k)), default=None)
-        if dst is None or finish(dst, sizes[b]) >= finish(slow):
+        step = min(sizes[b] for b in held[slow])
+        dst = min((k for k in speed if k != slow), key=lambda k: (finish(k, step), str(k)), default=None)
+        if dst is None:
+            break
+        b = _edge_block(held[slow], held[dst], sizes)
+        if finish(dst, sizes[b]) >= finish(slow):
             break
         moves.append(give(b, slow, dst))
     after = max(finish(k) for k in speed)
@@ -186,6 +201,15 @@ def plan(workers: Sequence[WorkerView], sizes: Sequence[int], *, move_seconds: f
                                      or saved * payback_evals <= move_seconds * len(_net(moves)))):
         return placed
     return placed + _net(moves)
+
+
+def _edge_block(src: list[int], dst: list[int], sizes: Sequence[int]) -> int:
+    """The block ``src`` should give ``dst``: an end of one of src's ranges (never one that
+    splits a range), the one after which the two hold the fewest tree nodes; then the smallest,
+    then the lowest id."""
+    mine, theirs, B = set(src), set(dst), len(sizes)
+    ends = [b for b in src if b - 1 not in mine or b + 1 not in mine]
+    return min(ends, key=lambda b: (len(tree.cover(mine - {b}, B)) + len(tree.cover(theirs | {b}, B)), sizes[b], b))
 
 
 def _net(moves: list[Move]) -> list[Move]:

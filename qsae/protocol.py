@@ -11,7 +11,8 @@ field is checked against the schema of its message type before anyone uses it.
 
 Message types (direction, fields, arrays):
 
-    HELLO   w→m  name, host, pid, cores, version              —
+    HELLO   w→m  name, host, pid, cores, version, blas         —
+                 (its BLAS library, version and kernel)
     SOURCE  m→w  config, kind ("images" | "array"), m,         the images (kind "images")
                  block_rows, patch_size, seed, sigma, dtype
     BLOCKS  m→w  ids (blocks to hold from now on)              one array of rows per id
@@ -22,8 +23,10 @@ Message types (direction, fields, arrays):
     EVAL    m→w  op (a key of reduce.OPS), ids (blocks),       the argument vector
                  evaluation (whose θ: forward and backward
                  rounds of one evaluation share it)
-    RESULT  w→m  ids, rows, seconds (compute)                  (len(ids), L) per-block results
-                                                               ((1, L) for "average")
+    RESULT  w→m  ids, nodes (tree.code of each row's node),    (len(nodes), L): a row per node
+                 rows, seconds (compute)                       of the summation tree (qsae.tree)
+                                                               that ids make ((1, L) and no
+                                                               nodes for "average")
     PING    both busy                                          —
     PONG    both —                                             —
     BYE     w→m  — (the worker is leaving: SIGTERM, Ctrl-C)    —
@@ -55,9 +58,11 @@ __all__ = [
     "send",
     "MAX_HEADER_BYTES",
     "MAX_ARRAY_BYTES",
+    "MAX_RESULT_ROWS",
 ]
 
-VERSION = 3  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges; 3: EVAL names its evaluation
+VERSION = 3  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges; 3: EVAL names its evaluation,
+#              RESULT carries rows of the summation tree's nodes, HELLO the worker's BLAS
 HELLO, SOURCE, BLOCKS, READY, DROP, EVAL, RESULT, PING, PONG, BYE, ERROR, STOP = (
     "HELLO", "SOURCE", "BLOCKS", "READY", "DROP", "EVAL", "RESULT", "PING", "PONG", "BYE", "ERROR", "STOP",
 )
@@ -65,6 +70,10 @@ MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; anything larger
 MAX_ARRAY_BYTES = 64 * 1024 * 1024  # one image or one chunk of rows; the master chunks below this
 MAX_ARRAYS = 64  # images in one SOURCE message, blocks of rows in one BLOCKS message
 MAX_IDS = 4096  # block ids in one message: every block of a run (placement.MAX_BLOCKS)
+# Result rows in one RESULT (one per tree node): a contiguous range of blocks makes at most
+# ~2·log2(blocks) = 24 nodes; a worker with more (scattered blocks) sends several RESULTs. The
+# master's ZMQ_MAXMSGSIZE allows this many rows (64 one-round rows of h = 30 are 3 MB).
+MAX_RESULT_ROWS = 64
 MAX_STR = 16 * 1024  # tracebacks included
 ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
 
@@ -73,14 +82,14 @@ ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
 # ``_IDS`` is a list of distinct block ids (ints in 0..2^31), checked element by element.
 _STR, _INT, _NUM, _BOOL, _DICT, _IDS = (str,), (int,), (int, float), (bool,), (dict,), (list,)
 SCHEMA: dict[str, dict[str, tuple]] = {
-    HELLO: {"name": _STR, "host": _STR, "pid": _INT, "cores": _INT, "version": _STR},
+    HELLO: {"name": _STR, "host": _STR, "pid": _INT, "cores": _INT, "version": _STR, "blas": _STR},
     SOURCE: {"config": _DICT, "kind": _STR, "m": _INT, "block_rows": _INT, "patch_size": _INT, "seed": _INT,
              "sigma": _NUM, "dtype": _STR},
     BLOCKS: {"ids": _IDS},
     READY: {"ids": _IDS, "seconds": _NUM},
     DROP: {"ids": _IDS},
     EVAL: {"op": _STR, "ids": _IDS, "evaluation": _INT},
-    RESULT: {"ids": _IDS, "rows": _INT, "seconds": _NUM},
+    RESULT: {"ids": _IDS, "nodes": _IDS, "rows": _INT, "seconds": _NUM},
     PING: {"busy": _BOOL},
     PONG: {},
     BYE: {},

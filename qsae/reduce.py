@@ -116,15 +116,15 @@ OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {
     "backward": _op_backward,  # s -> two-round Sums.vec (s folded in)
     "average": _op_average,  # θ -> [m·J_shard, m·∇J_shard]
 }
-PER_BLOCK = {"sums", "forward", "backward"}  # exact: one result per block, added by the master
+PER_BLOCK = {"sums", "forward", "backward"}  # exact: one result per block, added along the summation tree
 ONE_ROUND = {"sums", "average"}  # ops whose argument is θ itself
 
 
 def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
     """What a worker returns for ``op`` on its listed blocks.
 
-    The exact ops give one result row per block, (len(blocks), L), so the master adds the
-    blocks in block order whoever computed them. "average" treats the blocks as one shard
+    The exact ops give one result row per block, (len(blocks), L); the worker adds them along
+    the summation tree (``qsae.tree.fold``) before sending. "average" treats the blocks as one shard
     with its own firing rates p_j (the report's approximation) and gives (1, L).
     """
     if op not in OPS:

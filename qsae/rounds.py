@@ -1,15 +1,15 @@
 """One round of an evaluation: who computes which blocks, what came back, who is late.
 
 A ``Round`` is pure bookkeeping (the master sends and receives; this decides). Every worker
-is asked for the blocks it holds. A reply covers blocks; each block's first complete answer
-is kept and later duplicates are dropped, so when a straggler's blocks are computed again by
-workers that have finished (``backups``), whichever answer comes first counts and the sums
-the optimizer sees are the same either way (up to the rounding of their order: they are
-added in block order).
+is asked for the blocks it holds. The exact protocol's ops answer with one row per node of
+the summation tree (``qsae.tree``) that the worker's blocks make; the round keeps each node's
+first row and is done once every block is under some kept node. When a straggler's blocks are
+computed again by workers that have finished (``backups``), rows of the straggler's nodes and
+of the helpers' smaller ones may both arrive: the sum is the tree's root either way, added
+along the same tree, so the bits do not depend on who answered first.
 
-The exact protocol's ops answer per block. "average" answers per worker (its blocks taken
-as one shard): there the unit is the worker's whole group of blocks, and a backup computes
-the whole group.
+"average" answers per worker (its blocks taken as one shard): there the unit is the
+worker's whole group of blocks, and a backup computes the whole group.
 
 A worker is a straggler when it has run ``STRAGGLER_FACTOR`` times its predicted seconds
 (rows / measured rows per second) plus ``STRAGGLER_SLACK``; long before worker_timeout.
@@ -22,6 +22,8 @@ import time
 from typing import Hashable
 
 import numpy as np
+
+from . import tree
 
 __all__ = ["Round", "STRAGGLER_FACTOR", "STRAGGLER_SLACK"]
 
@@ -57,35 +59,53 @@ class Round:
         # units: a block (per-block ops) or a worker's group of blocks ("average")
         self.units = {(b,): k for k, ids in self.assignment.items() for b in ids} if per_block else \
             {tuple(ids): k for k, ids in self.assignment.items()}
-        self.results: dict[tuple, tuple[int, np.ndarray]] = {}
+        self.asked = {k: set(ids) for k, ids in self.assignment.items()}  # blocks each still owes
+        self.results: dict[tuple, tuple[int, np.ndarray]] = {}  # tree node (per block) or group -> row
+        self.covered: set[int] = set()  # blocks under a kept row
 
     @property
     def done(self) -> bool:
+        if self.per_block:
+            return len(self.covered) == len(self.units)
         return len(self.results) == len(self.units)
 
-    def accept(self, worker: Hashable, ids: list[int], rows: np.ndarray) -> bool:
-        """A reply of ``worker`` covering ``ids`` (rows: its result array); True if the worker
-        had work pending in this round. Blocks already answered are ignored."""
+    def accept(self, worker: Hashable, ids: list[int], rows: np.ndarray, nodes: list | None = None) -> bool:
+        """A reply of ``worker`` covering ``ids``: per-block ops give one row per tree node
+        (``nodes``, checked by the caller to be ``tree.cover(ids)``), "average" one row for its
+        group. True if the worker had work pending in this round. A worker may answer in
+        several replies; it is finished once they cover every block it was asked for."""
         now = time.monotonic() - self.started
         if self.per_block:
-            for b, row in zip(ids, rows):
-                if (b,) in self.units and (b,) not in self.results:
-                    self.results[(b,)] = (self.sizes[b], row)
+            B = len(self.sizes)
+            for node, row in zip(nodes or [], rows):
+                if node not in self.results:
+                    lo, hi = tree.span(node, B)
+                    self.results[node] = (sum(self.sizes[lo:hi]), row)
+                    self.covered.update(range(lo, hi))
         else:
             unit = tuple(ids)
             if unit in self.units and unit not in self.results:
                 self.results[unit] = (sum(self.sizes[b] for b in ids), rows[0])
         was = worker in self.pending or worker in self.helping
-        self.pending.discard(worker)
-        self.helping.discard(worker)
-        self.finished.setdefault(worker, now)
+        owed = self.asked.get(worker)
+        if owed is not None:
+            owed.difference_update(ids)
+        if not owed:
+            self.pending.discard(worker)
+            self.helping.discard(worker)
+            self.finished.setdefault(worker, now)
         if self.done:
             self.pending.clear()
             self.helping.clear()
         return was
 
     def replies(self) -> list[tuple[int, np.ndarray]]:
-        """(rows, result) of every unit, in block order: what the reducer adds."""
+        """What the reducer adds: per-block ops, one (rows, sum) — the tree's root over every
+        block; "average", (rows, result) of every group in block order."""
+        if self.per_block:
+            B = len(self.sizes)
+            rows = sum(self.sizes[b] for (b,) in self.units)
+            return [(rows, tree.value(tree.root(B), {n: v for n, (_, v) in self.results.items()}, B))]
         return [self.results[u] for u in sorted(self.units)]
 
     def waiting_on(self) -> set[Hashable]:
@@ -108,7 +128,7 @@ class Round:
         late = []
         for k in self.pending - self.backed_up:
             d = self.deadline(k)
-            if d is not None and now > d and any(u not in self.results for u in self._units_of(k)):
+            if d is not None and now > d and self._unanswered(k):
                 late.append(k)
         return late
 
@@ -122,13 +142,13 @@ class Round:
         Returns worker -> blocks to compute ({} if nothing is left or nobody is idle).
         """
         idle = sorted(self.idle(), key=lambda k: -speeds.get(k, 1.0))
-        units = [u for u in self._units_of(straggler) if u not in self.results]
+        units = self._unanswered(straggler)
         if not idle or not units:
             return {}
         if not self.per_block:  # a group is one unit: the fastest idle worker takes it whole
             plan = {idle[0]: list(units[0])}
-        else:
-            blocks = [u[0] for u in units]
+        else:  # consecutive slices of the blocks: few tree nodes a helper
+            blocks = sorted(u[0] for u in units)
             total = sum(speeds.get(k, 1.0) for k in idle)
             plan, start = {}, 0
             for i, k in enumerate(idle):
@@ -138,7 +158,12 @@ class Round:
                 start += n
         self.backed_up.add(straggler)
         self.helping.update(plan)
+        for k, ids in plan.items():
+            self.asked.setdefault(k, set()).update(ids)
         return plan
 
-    def _units_of(self, worker: Hashable) -> list[tuple]:
-        return [u for u, k in self.units.items() if k == worker]
+    def _unanswered(self, worker: Hashable) -> list[tuple]:
+        """The units of ``worker`` nobody has answered yet."""
+        if self.per_block:
+            return [u for u, k in self.units.items() if k == worker and u[0] not in self.covered]
+        return [u for u, k in self.units.items() if k == worker and u not in self.results]

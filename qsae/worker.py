@@ -33,14 +33,15 @@ __all__ = ["main", "Worker"]
 log = logging.getLogger("qsae.worker")
 
 INLINE_WORK = 100_000 * 64 * 30  # rows·n·h computed inline (~0.1 s); more runs in a thread, pinging
+ERROR_LOG_SECONDS = 10.0  # the master's ERROR replies: a warning this often at most, with the count
 
 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, ShardState, run_blocks, sample_patches
+    global np, __version__, ProtocolError, SAEConfig, OPS, PER_BLOCK, ShardState, run_blocks, sample_patches, tree
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
-    global SOURCE, STOP
+    global SOURCE, STOP, MAX_RESULT_ROWS
     import numpy as np
 
     from . import __version__
@@ -48,10 +49,11 @@ def _load_numerics() -> None:
     from .errors import ProtocolError
     from .model import SAEConfig
     from .protocol import (
-        BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, PING, PONG, READY, RESULT, SOURCE, STOP, decode,
-        encode, send,
+        BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, MAX_ARRAY_BYTES, MAX_RESULT_ROWS, PING, PONG, READY, RESULT, SOURCE,
+        STOP, decode, encode, send,
     )
-    from .reduce import OPS, ShardState, run_blocks
+    from . import tree
+    from .reduce import OPS, PER_BLOCK, ShardState, run_blocks
     from .model import set_kernel
 
     set_kernel()  # numba's import and compile (1-2 s) before HELLO, not inside the first round
@@ -138,6 +140,8 @@ class Worker:
         self._evaluation = -1  # the evaluation of the last EVAL (master's number; each θ has its own)
         self._theta, self._theta_of = None, -1  # θ of the last forward round and its evaluation
         self._last_hello = 0.0
+        self._last_error_log, self._errors = -float("inf"), 0  # the master's ERRORs: logged at most every 10 s
+        self._blas = blas_kernel()  # said in HELLO: the master warns when workers' kernels differ
         self._handlers = {PING: lambda msg: self.send(PONG), SOURCE: self._on_source, BLOCKS: self._on_blocks,
                           DROP: self._on_drop, EVAL: self._on_eval}  # by message type; built once
         self._last_heard = time.monotonic()
@@ -159,7 +163,7 @@ class Worker:
     def hello(self) -> None:
         """Say who we are; the master registers us (again, after it had dropped us)."""
         self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(), cores=self.threads,
-                  version=__version__)
+                  version=__version__, blas=self._blas)
         self._last_hello = time.monotonic()
         log.debug("%s: HELLO queued for %s", self.name, self.connect_to)  # sent once a connection exists
 
@@ -276,14 +280,29 @@ class Worker:
             except Exception as e:  # a bad request is reported; the worker keeps serving
                 self.send_error(e, msg.round)
         elif msg.type == ERROR:
-            log.warning("the master says: %s", msg["message"])
-            if "never said HELLO" in msg["message"] and time.monotonic() - self._last_hello > 1.0:
-                self.hello()  # dropped while unreachable: join again (once for a burst of such errors)
-                log.info("%s: said HELLO again", self.name)
+            self._on_error(msg)
         elif msg.type != PONG:
             self.send_error(ProtocolError(f"a worker does not take {msg.type} messages"), msg.round)
         return False
 
+
+    def _on_error(self, msg) -> None:
+        """The master refused something. "never said HELLO": it dropped this worker while it was
+        unreachable; join again (once for a burst: every PING and late RESULT queued meanwhile
+        is refused too, so it is one INFO line, not a warning each). Others: a warning at most
+        every ``ERROR_LOG_SECONDS`` with the count since the last."""
+        now = time.monotonic()
+        if "never said HELLO" in msg["message"]:
+            if now - self._last_hello > 1.0:
+                self.hello()
+                log.info("%s: the master had dropped this worker (unreachable for a while); said HELLO again",
+                         self.name)
+            return
+        self._errors += 1
+        if now - self._last_error_log > ERROR_LOG_SECONDS:
+            more = f" ({self._errors - 1} more since the last such line)" if self._errors > 1 else ""
+            log.warning("the master says: %s%s", msg["message"], more)
+            self._last_error_log, self._errors = now, 0
 
     # -- data: the source once, then blocks of it
     def _on_source(self, msg) -> None:
@@ -395,10 +414,10 @@ class Worker:
             raise RuntimeError("EVAL before the data arrived: the worker holds no data")
         if evaluation != self._evaluation:  # a new θ: the backup blocks cut for the last one go
             self._extra = {b: st for b, st in self._extra.items() if b in ids}
+            self._evaluation = evaluation
         out = []
         for b in ids:
             st = self.blocks.get(b) or self._extra.get(b)
-            self._evaluation = evaluation
             if st is None:
                 if self.source["kind"] != "images":
                     raise ValueError(f"block {b} is not held here and an array source cannot be cut again")
@@ -428,8 +447,18 @@ class Worker:
             out = run_blocks(op, arg, states)
         else:
             out = self._in_thread(run_blocks, op, arg, states)
-        self.send(RESULT, msg.round, [out], ids=msg["ids"], rows=sum(st.m for st in states),
-                  seconds=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if op not in PER_BLOCK:  # "average": one row for the group
+            self.send(RESULT, msg.round, [out], ids=msg["ids"], nodes=[], rows=sum(st.m for st in states),
+                      seconds=seconds)
+            return
+        B, rows = -(-self.source["m"] // self.source["block_rows"]), dict(zip(msg["ids"], (st.m for st in states)))
+        nodes, out = tree.fold(msg["ids"], out, B)  # a row per tree node, not per block (added along the tree)
+        for lo in range(0, len(nodes), MAX_RESULT_ROWS):
+            part = nodes[lo:lo + MAX_RESULT_ROWS]
+            ids = [b for node in part for b in range(*tree.span(node, B))]
+            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=ids, nodes=[tree.code(n) for n in part],
+                      rows=sum(rows[b] for b in ids), seconds=seconds)
 
     def _in_thread(self, fn, *args):
         """Run fn(*args) in a thread, sending PINGs (busy) while it runs."""
@@ -456,6 +485,29 @@ class Worker:
             log.debug("BYE not sent: %s", e)
 
 
+def blas_kernel() -> str:
+    """This process's BLAS: library, version and kernel, e.g. "openblas 0.3.27 Haswell".
+
+    A block's sums have the same bits on two workers with the same kernel; different kernels
+    (another build, or OPENBLAS_CORETYPE) round products differently. From threadpoolctl where
+    it is importable, else from numpy's build configuration (no kernel there)."""
+    try:
+        from ._blas import blas_info
+
+        libs = blas_info()
+    except Exception:  # threadpoolctl missing or failing: numpy's own record
+        libs = []
+    if libs:
+        return "; ".join(f"{d['api']} {d['version']} {d['kernel'] or '?'}" for d in libs)
+    try:
+        import numpy
+
+        dep = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{dep.get('name', '?')} {dep.get('version', '?')} (kernel unknown)"
+    except Exception:
+        return "unknown"
+
+
 class _Leave(BaseException):
     """SIGTERM or SIGINT: say BYE and exit 0 (BaseException: no handler swallows it)."""
 
@@ -467,6 +519,9 @@ def _span(ids: list) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsae-worker", description="Serve one shard of a qsae training run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from . import __version__ as version  # cheap: qsae's __init__ loads no numpy
+
+    p.add_argument("--version", action="version", version=f"qsae {version}")
     p.add_argument("--connect", help="the master's address, tcp://HOST:PORT")
     p.add_argument("--stdin", action="store_true", help="read the configuration as one JSON line from stdin")
     p.add_argument("--keys", help="DIR/worker from the master's `qsae-master --make-keys DIR` (this worker's CURVE "
@@ -495,9 +550,6 @@ class _DropName(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsae-worker`` and ``python -m qsae.worker``."""
-    from . import __version__ as version  # cheap: qsae's __init__ loads no numpy
-
-    p.add_argument("--version", action="version", version=f"qsae {version}")
     args = _parser().parse_args(argv)
     from .errors import QsaeError
 

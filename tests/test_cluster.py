@@ -6,6 +6,7 @@ block order whoever computed them, so the histories agree to the last bit (asser
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -95,7 +96,8 @@ def test_sigterm_leave_costs_no_timeout(images, undisturbed):
     np.testing.assert_allclose(history, undisturbed, rtol=1e-10)
 
 
-def test_a_lost_worker_that_comes_back_is_given_blocks(images, undisturbed):
+def test_a_lost_worker_that_comes_back_is_given_blocks(images, undisturbed, caplog):
+    caplog.set_level(logging.INFO)
     events = []
     with Master(workers=2, config=CFG, block_rows=BLOCK, worker_timeout=1.0, heartbeat=0.25,
                 on_event=events.append) as master:
@@ -116,6 +118,10 @@ def test_a_lost_worker_that_comes_back_is_given_blocks(images, undisturbed):
         assert master.stats["blocks placed"] > M // BLOCK  # its blocks were placed twice
     assert [e["event"] for e in events if e["event"] in ("lost", "return")] == ["lost", "return"]
     np.testing.assert_allclose(history, undisturbed, rtol=1e-10)
+    # its return is a line or two, not a warning for every message queued while it was stopped
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in warned if "rejected" in m or "the master says" in m], warned
+    assert any(victim.name in r.getMessage() and "HELLO again" in r.getMessage() for r in caplog.records)
 
 
 def _busy_on(cpu: int) -> subprocess.Popen:

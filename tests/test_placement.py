@@ -11,6 +11,7 @@ from qsae.placement import (
     BLOCK_ROWS, MAX_BLOCKS, MIN_BLOCK_ROWS, MIN_BLOCKS, WorkerView, block_bounds, block_rows_for, plan, round_seconds,
 )
 from qsae.rounds import Round
+from qsae.tree import cover
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -104,16 +105,17 @@ def test_bad_snapshots_are_refused():
         plan([WorkerView("a", 1.0, (0,)), WorkerView("b", 1.0, (0,))], [1])
 
 
-def test_round_first_answer_per_block_wins():
+def test_round_adds_along_the_tree_whoever_answers():
     sizes = [10, 10, 10, 10]
     rnd = Round(5, "sums", True, {"a": [0, 1], "b": [2, 3]}, {"a": 0.0, "b": 0.0}, sizes)
-    rnd.accept("a", [0, 1], np.array([[1.0], [2.0]]))
+    rnd.accept("a", [0, 1], np.array([[1.0]]), [(1, 0)])  # one row: the node over blocks 0 and 1
     time.sleep(0.12)  # past b's deadline (predicted 0 s + the slack)
     assert rnd.stragglers() == ["b"]
     assert rnd.backups("b", {"a": 1.0}) == {"a": [2, 3]} and rnd.stragglers() == []
-    rnd.accept("b", [2], np.array([[3.0]]))  # the straggler's own answer may still come first ...
-    rnd.accept("a", [2, 3], np.array([[30.0], [4.0]]))  # ... then only block 3 of the backup counts
-    assert rnd.done and [v[0] for _, v in rnd.replies()] == [1.0, 2.0, 3.0, 4.0]
+    rnd.accept("a", [2], np.array([[3.0]]), [(0, 2)])  # a helper may answer in parts ...
+    assert not rnd.done and rnd.idle() == []  # ... and is busy until it has answered all
+    rnd.accept("b", [2, 3], np.array([[7.0]]), [(1, 1)])  # the straggler's own row comes first
+    assert rnd.done and rnd.replies() == [(40, np.array([8.0]))]  # root = (0..1) + (2..3)
 
 
 def test_round_average_backs_up_a_whole_group():
@@ -136,3 +138,34 @@ def test_a_joiner_is_given_blocks_even_when_moves_are_dear():
 def test_blocks_are_whole_row_chunks():
     assert block_rows_for(10**6, chunk=504) == 4032 and block_rows_for(100_000, chunk=504) == 3 * 504
     assert block_rows_for(1000, chunk=2048) == MIN_BLOCK_ROWS  # shorter than a chunk: left alone
+
+
+def nodes(w: WorkerView, n: int) -> int:
+    return len(cover(w.blocks, n))
+
+
+def test_the_planner_places_ranges_a_worker_sends_few_rows():
+    """From scratch, after a join and after a leave: every worker holds a few ranges, so it sends
+    a few tree nodes' rows a round — an aligned half exactly one — not one row per block."""
+    n = 64
+    sizes = [100] * n
+    two = apply([WorkerView("a", 1.0), WorkerView("b", 1.0)], plan([WorkerView("a", 1.0), WorkerView("b", 1.0)], sizes))
+    assert [w.blocks for w in two] == [tuple(range(32)), tuple(range(32, 64))] and [nodes(w, n) for w in two] == [1, 1]
+    three = apply([*two, WorkerView("c", 1.0)], plan([*two, WorkerView("c", 1.0)], sizes))
+    assert sorted(len(w.blocks) for w in three) == [21, 21, 22]
+    assert all(nodes(w, n) <= 2 * 6 for w in three), [cover(w.blocks, n) for w in three]
+    uneven = apply([WorkerView(k, s) for k, s in zip("abcd", (1.0, 2.0, 1.5, 0.5))],
+                   plan([WorkerView(k, s) for k, s in zip("abcd", (1.0, 2.0, 1.5, 0.5))], [100] * 256))
+    assert all(nodes(w, 256) <= 2 * 8 for w in uneven)  # one range each: at most 2·log2(B) nodes
+    left = [WorkerView(w.key, 1.0, w.blocks) for w in three if w.key != "b"]  # b left: its range is placed
+    after = apply(left, plan(left, sizes))
+    assert sum(nodes(w, n) for w in after) <= sum(nodes(w, n) for w in three) + 2
+
+
+def test_plan_scales_to_the_largest_block_count():
+    sizes = [4096] * MAX_BLOCKS
+    t0 = time.perf_counter()
+    workers = [WorkerView(k, 1.0 + k % 3) for k in range(16)]
+    after = apply(workers, plan(workers, sizes))
+    assert time.perf_counter() - t0 < 5.0
+    assert sum(nodes(w, MAX_BLOCKS) for w in after) <= 16 * 2 * 12

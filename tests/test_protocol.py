@@ -15,14 +15,14 @@ from qsae.protocol import (
 pytestmark = pytest.mark.timeout(30)
 
 GOOD = {
-    HELLO: dict(name="w#0", host="h", pid=1, cores=2, version="0.1.0"),
+    HELLO: dict(name="w#0", host="h", pid=1, cores=2, version="0.1.0", blas="openblas 0.3.27 Haswell"),
     SOURCE: dict(config={"n_hidden": 30}, kind="images", m=10, block_rows=4, patch_size=8, seed=0, sigma=0.5,
                  dtype="float32"),
     BLOCKS: dict(ids=[0, 2]),
     READY: dict(ids=[0, 2], seconds=0.01),
     DROP: dict(ids=[1]),
     EVAL: dict(op="sums", ids=[0, 2], evaluation=3),
-    RESULT: dict(ids=[0, 2], rows=10, seconds=0.5),
+    RESULT: dict(ids=[0, 2], nodes=[0, 64], rows=10, seconds=0.5),
     PING: dict(busy=True),
     PONG: {},
     BYE: {},
@@ -77,7 +77,7 @@ DATA = np.zeros(2).tobytes()
     ([header(a=[]),], "must hold 1..1"),
     ([header(a="x"), DATA], "array list"),
     ([msgpack.packb({"t": HELLO, "v": VERSION, "r": 0, "a": [], "name": "n", "host": "h", "pid": True,
-                     "cores": 1, "version": "0.1.0"})], "field 'pid' is bool"),
+                     "cores": 1, "version": "0.1.0", "blas": ""})], "field 'pid' is bool"),
     ([b"\x81" + b"\xa1t" + b"\xdb" + b"\xff\xff\xff\x7f"], "not valid msgpack"),  # a 2 GB string claimed
     ([b"x" * (65 * 1024)], "header of"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -228,7 +229,7 @@ def test_curve_refuses_null_and_unknown_keys(problem):
         pub, sec = zmq.curve_keypair()
         server_public = master.server_public
         stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = server_public, pub, sec
-        hello = encode(HELLO, name="intruder", host="x", pid=1, cores=64, version="0.1.0")
+        hello = encode(HELLO, name="intruder", host="x", pid=1, cores=64, version="0.1.0", blas="")
         try:
             for s in (null, stranger):
                 s.linger = 0
@@ -310,7 +311,7 @@ def test_hello_of_another_version_is_refused():
         other.linger = 0
         other.connect(master.address)
         try:
-            other.send_multipart(encode(HELLO, name="old", host="h", pid=1, cores=1, version="0.0.1"))
+            other.send_multipart(encode(HELLO, name="old", host="h", pid=1, cores=1, version="0.0.1", blas=""))
             assert other.poll(5000)
             reply = decode(other.recv_multipart())
             assert reply.type == ERROR and "install the same version" in reply["message"]
@@ -424,3 +425,36 @@ def test_a_block_of_another_dtype_is_refused_by_the_worker():
         p.kill()
         p.wait()
         router.close()
+
+
+def test_workers_say_their_blas_and_differing_kernels_are_warned_once(caplog):
+    """status() shows each worker's BLAS (library, version, kernel); a worker with another
+    kernel joining makes the master warn, once a run, that the bits then depend on placement."""
+    from qsae import __version__
+    from qsae.worker import blas_kernel
+
+    caplog.set_level(logging.WARNING, logger="qsae.master")
+    with Master(workers=1, config=CFG, curve=False) as master:
+        (local,) = master.status()
+        # numpy's library, as this process sees it (which may hold scipy's too, after a "; ")
+        assert local["blas"] not in ("", "unknown") and blas_kernel().split("; ")[0] in local["blas"]
+        assert not [r for r in caplog.records if "BLAS" in r.getMessage()]
+        ctx = zmq.Context.instance()
+        others = []
+        try:
+            for i, kernel in enumerate(["otherblas 9.9 Fancy", "thirdblas 1.0 Plain"]):
+                s = ctx.socket(zmq.DEALER)
+                s.linger = 0
+                s.connect(master.address)
+                s.send_multipart(encode(HELLO, name=f"other#{i}", host="h", pid=1, cores=1, version=__version__,
+                                        blas=kernel))
+                others.append(s)
+                deadline = time.monotonic() + 10
+                while master.n_workers < 2 + i and time.monotonic() < deadline:  # the heartbeat thread takes it
+                    time.sleep(0.05)
+            assert {s["name"]: s["blas"] for s in master.status()}["other#1"] == "thirdblas 1.0 Plain"
+        finally:
+            for s in others:
+                s.close()
+    warned = [r.getMessage() for r in caplog.records if "different BLAS kernels" in r.getMessage()]
+    assert len(warned) == 1 and "otherblas 9.9 Fancy" in warned[0] and local["blas"] in warned[0]
