@@ -415,7 +415,7 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
     _claim_fresh_out(args)  # before anything else is written into it
     from .train import lock_run
 
-    lock = lock_run(args.out)  # one process per run folder: a second is told who holds it (released at exit)
+    _locks.append(lock_run(args.out))  # one process per run folder: a second is told who holds it
     _open_log(args)  # the first thing written
     board = _start_dashboard(args)  # before the workers start: the page sees them join
     if getattr(args, "fresh_out", False):
@@ -667,6 +667,7 @@ _PROGRESS.addHandler(logging.NullHandler())  # before run.log opens: nothing (no
 
 
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+_locks: list = []  # the run folder's lock file (train.lock_run), held until master_main returns
 _handlers: list[logging.Handler] = []  # what this run added to the root logger (removed at its end)
 
 
@@ -727,6 +728,8 @@ def master_main(argv: list[str] | None = None) -> int:
             logging.getLogger().removeHandler(h)
             _PROGRESS.removeHandler(h)
             h.close()
+        while _locks:  # last: the run's files are closed (and the OS would release it at exit anyway)
+            _locks.pop().close()
 
 
 def worker_main(argv: list[str] | None = None) -> int:

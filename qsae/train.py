@@ -524,6 +524,8 @@ def _pictures(out: Path, result, config: SAEConfig) -> None:
     save_filters(result.x, config, out / "filters.png")
     history = [(h["iteration"], h["seconds"], h["cost"]) for h in read_history(out / "history.jsonl")]
     history = history or result.history
+    if not history:  # stopped before its first iteration closed: no curve to draw
+        return
     save_cost_curves({"run": history}, out / "cost.png", above_best=len(history) > 1,
                      title=f"cost above the run's lowest, {min(h[2] for h in history):.6g}")
 
