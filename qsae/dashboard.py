@@ -296,6 +296,10 @@ class _Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # a garbled request line is answered with a status line too
     timeout = REQUEST_TIMEOUT
     server_version = "qsae-dashboard"
+    error_message_format = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">'
+                            "<title>%(code)d %(message)s</title></head><body style=\"font:15px system-ui,sans-serif;"
+                            'margin:24px\"><h1 style=\"font-size:20px\">%(code)d %(message)s</h1><p>%(explain)s</p>'
+                            "</body></html>")
     sys_version = ""
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
@@ -418,9 +422,10 @@ svg polyline{fill:none;stroke:#1f6fd0;stroke-width:1.5}
 "use strict";
 const TOKEN = __TOKEN__, REFRESH = Number(new URLSearchParams(location.search).get("refresh")) || __REFRESH__;
 const H = [];  // [iteration, seconds, cost, |grad|]
-const DRAW_EVERY = 500;  // ms between redraws of the curves at most (polls may come faster: ?refresh=100)
+const DRAW_EVERY = 1000;  // ms between redraws of the curves at most (polls may come faster: ?refresh=100)
 let filtersShown = null, lastEvent = 0, drawn = -1, drawnAt = 0, failures = 0, tables = "";
 const $ = id => document.getElementById(id);
+const put = (id, text) => { const e = $(id); if (e.textContent !== text) e.textContent = text; };  // no layout if same
 const q = p => p + (TOKEN ? (p.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN) : "");
 const fmt = (v, d) => v == null ? "-" : Number(v).toPrecision(d || 6);
 const num = v => v == null ? "-" : Math.round(v).toLocaleString("en");
@@ -479,13 +484,13 @@ function row(tbody, cells, cls) {
 function show(s) {
   for (const r of s.history) H.push(r);
   const i = s.info, last = H[H.length - 1];
-  $("state").textContent = i.state + (i.message ? ": " + i.message : "") + (i.resumed_at ? " (resumed at " + i.resumed_at + ")" : "");
-  $("iteration").textContent = last ? last[0] + (i.maxiter ? " / " + i.maxiter : "") : "-";
-  $("cost").textContent = last ? fmt(last[2], 8) : "-";
-  $("grad").textContent = last ? fmt(last[3], 3) : "-";
-  $("evals").textContent = i.evaluations;
-  $("seconds").textContent = last ? last[1].toFixed(1) : "-";
-  $("eta").textContent = i.state === "running" ? dur(i.eta) : "-";
+  put("state", i.state + (i.message ? ": " + i.message : "") + (i.resumed_at ? " (resumed at " + i.resumed_at + ")" : ""));
+  put("iteration", last ? last[0] + (i.maxiter ? " / " + i.maxiter : "") : "-");
+  put("cost", last ? fmt(last[2], 8) : "-");
+  put("grad", last ? fmt(last[3], 3) : "-");
+  put("evals", String(i.evaluations));
+  put("seconds", last ? last[1].toFixed(1) : "-");
+  put("eta", i.state === "running" ? dur(i.eta) : "-");
   // redraw when points came, at most every DRAW_EVERY ms (a poll without new points draws what waits)
   if (H.length !== drawn && (Date.now() - drawnAt >= DRAW_EVERY || !s.history.length)) {
     drawn = H.length; drawnAt = Date.now();
@@ -530,10 +535,10 @@ function showTables(s) {  // only when they changed: a DOM rebuild costs layout
 async function tick() {
   try {
     const r = await fetch(q("state.json?since=" + H.length), {cache: "no-store"});
-    if (r.ok) { show(await r.json()); failures = 0; $("status").textContent = ""; $("status").className = ""; }
+    if (r.ok) { show(await r.json()); failures = 0; put("status", ""); $("status").className = ""; }
   } catch (e) {
     failures++;
-    $("status").textContent = "the run's server does not answer (ended?)"; $("status").className = "bad";
+    put("status", "the run's server does not answer (ended?)"); $("status").className = "bad";
   }
   if (failures < 5) setTimeout(tick, REFRESH);
 }
