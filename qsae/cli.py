@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, DataError, QsaeError
+from .errors import ConfigError, DataError, QsaeError, WorkerLost
 
 __all__ = ["master_main", "worker_main", "build_parser"]
 
@@ -447,7 +447,14 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
     with _master(args, cfg, plan["launcher"], board) as master:
         if board is not None:
             board.settings(master=master.address, workers=master.n_workers)
-        master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
+        try:
+            master.scatter_images(plan["images"], m=spec_data.m, patch_size=spec_data.patch_size, seed=spec_data.seed)
+        except WorkerLost:  # not the master's advice to resume a checkpoint: none was written by this run
+            kept = (f"{args.out / 'model.npz'} is unchanged: --resume {args.out} once the workers run" if args.resume
+                    else "no iteration ran and nothing was saved")
+            raise WorkerLost(f"every worker was lost while it prepared its rows, before the first iteration ({kept}): "
+                             f"see each worker's lines in {args.out / 'run.log'}; --worker-timeout (now "
+                             f"{args.worker_timeout:g} s) waits longer for a slow one") from None
         _say(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
         objective = _SpeedSamples(master, args.out / "workers.jsonl")
         result = train(objective, plan["theta0"], spec, echo=echo, say=_say, dashboard=board)

@@ -486,3 +486,29 @@ def test_4_dataspec_checks_its_images(tmp_path):
     with pytest.raises(DataError, match="not the ones"):
         spec.images()
     assert DataSpec.of("builtin").fingerprint is None
+
+
+def test_2_workers_lost_while_preparing_say_nothing_was_saved(tmp_path):
+    """Workers lost before the first iteration (here: killed while they cut 1M rows each) are not
+    told to resume a checkpoint that does not exist."""
+    run_dir = tmp_path / "r"
+    p = start("qsae-master", "--workers", "2", "--patches", "2000000", "--iters", "2", "--out", str(run_dir))
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = children(p.pid) if p.poll() is None else []
+            time.sleep(0.1)
+        wait_for(run_dir / "run.log", 60, lambda f: f.read_text().count("said HELLO") >= 2, p)
+        time.sleep(0.5)  # cutting now
+        for w in workers:
+            os.kill(w, signal.SIGKILL)
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+    assert p.returncode == 2, err[-3000:]
+    line = one_line(err)
+    assert "before the first iteration (no iteration ran and nothing was saved)" in line
+    assert "resume the run from its checkpoint" not in err and not (run_dir / "model.npz").exists()
