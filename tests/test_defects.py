@@ -512,3 +512,57 @@ def test_2_workers_lost_while_preparing_say_nothing_was_saved(tmp_path):
     line = one_line(err)
     assert "before the first iteration (no iteration ran and nothing was saved)" in line
     assert "resume the run from its checkpoint" not in err and not (run_dir / "model.npz").exists()
+
+
+# ---------------------------------------------------------------------- 6 under Slurm: scancel, the time limit
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from slurm import SlurmCluster, require_slurm
+
+    require_slurm()
+    with SlurmCluster() as c:
+        yield c
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", [["--batch", "--signal=TERM"], []],
+                         ids=["time-limit-signal", "scancel"])
+def test_6_a_slurm_job_told_to_stop_saves_its_run(slurm_cluster, tmp_path, how):
+    """examples/slurm.sbatch asks for SIGTERM to the batch shell before the time limit
+    (--signal=B:TERM@...): `scancel --batch --signal=TERM` sends exactly that signal now. Plain
+    scancel signals every step at once (workers too) and kills after KillWait (5 s here). Either
+    way the master, exec'ed by the script, saves the last good θ and the job ends as a stop."""
+    text = (ROOT / "examples" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@" in text and "\nexec qsae-master" in text
+    script = tmp_path / "long.sbatch"
+    script.write_text(text.replace("#SBATCH -n 8", "#SBATCH -n 2").replace(
+        "--patches 1000000 --iters 500", "--patches 20000 --iters 1000000 --checkpoint-every 1000000 -q"))
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "activate").exists() or not (venv / "bin" / "qsae-master").exists():
+        pytest.skip(f"{venv} is not a venv with qsae-master installed (pip install -e .)")
+    cluster = slurm_cluster
+    env = {**cluster.env, "PYTHONPATH": str(ROOT), "QSAE_VENV": str(venv)}
+    job = cluster.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(script)], env=env).stdout.strip()
+    job = job.split(";")[0]
+    run_dir, log = tmp_path / "runs" / job, tmp_path / f"qsae-{job}.log"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(history_of(run_dir)) < 3:
+            assert job in cluster.jobs(), log.read_text() if log.exists() else "no log"
+            time.sleep(0.2)
+        assert len(history_of(run_dir)) >= 3, log.read_text() if log.exists() else "no log"
+        cluster.run(["scancel", *how, job])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and cluster.jobs():
+            time.sleep(0.2)
+        assert cluster.jobs() == []
+    finally:
+        cluster.run(["scancel", job], check=False)
+    text = log.read_text()
+    assert "Traceback" not in text and "every worker is lost" not in text, text[-3000:]
+    meta = load_model(run_dir / "model.npz")[2]
+    assert meta["finished"] is False and meta["iteration"] >= 2
+    assert meta["iteration"] in [h["iteration"] for h in history_of(run_dir)]
+    if how:  # the batch shell's signal alone: the master stops its workers itself and reports the stop
+        assert "stopped by SIGTERM" in text, text[-3000:]
