@@ -7,6 +7,7 @@ import pytest
 
 from qsae.errors import ProtocolError
 from qsae.tree import check_cover, code, cover, decode, depth, fold, root, span, value
+from qsae.tree import decode as decode_node
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,3 +86,70 @@ def test_wire_codes_round_trip_and_bad_ones_are_refused():
             decode(bad, B)
     with pytest.raises(ProtocolError, match="tree nodes"):
         check_cover([(0, 0), (0, 1)], [0, 1], 4)  # two leaves where one node covers them
+
+
+def test_a_worker_with_scattered_blocks_answers_along_the_tree_in_several_results():
+    """A real worker process holding every other block of 260 (130 blocks, 130 tree nodes:
+    none can be merged) answers one EVAL in RESULTs of at most MAX_RESULT_ROWS rows, each
+    naming the nodes its blocks make, the rows bit-equal to the per-block sums folded here."""
+    import subprocess
+    import sys
+
+    import zmq
+
+    from qsae.model import SAEConfig, init_params, shard_sums
+    from qsae.protocol import BLOCKS, EVAL, HELLO, MAX_ARRAYS, MAX_RESULT_ROWS, READY, RESULT, SOURCE, STOP, decode
+    from qsae.protocol import encode, send
+
+    cfg, B, rows = SAEConfig(), 260, 3
+    X = np.random.default_rng(0).uniform(0.1, 0.9, (B * rows - 1, cfg.n_visible))  # a short last block
+    theta = init_params(cfg, seed=1)
+    ids = list(range(0, B, 2))
+    ctx = zmq.Context()
+    master = ctx.socket(zmq.ROUTER)
+    master.linger = 0
+    port = master.bind_to_random_port("tcp://127.0.0.1")
+    p = subprocess.Popen([sys.executable, "-m", "qsae.worker", "--connect", f"tcp://127.0.0.1:{port}",
+                          "--master-timeout", "20"], stderr=subprocess.DEVNULL)
+
+    def receive(want):
+        while True:
+            assert master.poll(20_000), f"no {want} from the worker"
+            frames = master.recv_multipart()
+            msg = decode(frames[1:])
+            if msg.type == want:
+                return frames[0], msg
+
+    try:
+        ident, hello = receive(HELLO)
+        assert hello["pid"] == p.pid
+        send(master, encode(SOURCE, 1, [], config=cfg.to_dict(), kind="array", m=X.shape[0], block_rows=rows,
+                            patch_size=0, seed=0, sigma=0.0, dtype="float64"), (ident,))
+        receive(READY)
+        for i in range(0, len(ids), MAX_ARRAYS):
+            part = ids[i:i + MAX_ARRAYS]
+            send(master, encode(BLOCKS, 2 + i, [X[b * rows:(b + 1) * rows] for b in part], ids=part), (ident,))
+            receive(READY)
+        send(master, encode(EVAL, 9, [theta], op="sums", ids=ids, evaluation=1), (ident,))
+        got, covered, messages = {}, [], 0
+        while len(covered) < len(ids):
+            _, msg = receive(RESULT)
+            messages += 1
+            assert msg.round == 9 and len(msg["nodes"]) <= MAX_RESULT_ROWS
+            nodes = [decode_node(c, B) for c in msg["nodes"]]
+            check_cover(nodes, msg["ids"], B)
+            got.update(zip(nodes, msg.arrays[0]))
+            covered += msg["ids"]
+        assert sorted(covered) == ids and len(got) == len(ids) and messages == 3  # 130 rows: 64 + 64 + 2
+        per_block = np.stack([shard_sums(theta, X[b * rows:(b + 1) * rows], cfg).vec for b in ids])
+        want_nodes, want = fold(ids, per_block, B)
+        for n, row in zip(want_nodes, want):
+            np.testing.assert_array_equal(got[n], row)
+        send(master, encode(STOP), (ident,))
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        master.close()
+        ctx.term()
