@@ -209,6 +209,7 @@ def test_float32(patches):
 
 @pytest.mark.filterwarnings("ignore:Estimator SparseAutoencoder does not inherit:UserWarning")  # by design
 @pytest.mark.filterwarnings("ignore::qsae.errors.SaturationWarning")  # its checks fit on inputs around 100
+@pytest.mark.timeout(300)  # 2 × 47 checks, each a few fits: 38 s on 2 busy cores
 def test_check_estimator(monkeypatch):
     """scikit-learn's whole suite, every check run and passed, in both dtypes."""
     from sklearn.utils.estimator_checks import check_estimator
