@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 def kernel_path(request):
     """Every test runs on both elementwise paths (the numba one where numba is installed)."""
     if request.param == "numba":
-        pytest.importorskip("numba", reason="the numba path needs pip install 'qsae[fast]'")
+        pytest.importorskip("numba", reason="the numba path needs numba, a dependency: pip install numba")
     before = kernel()
     set_kernel(request.param)
     yield request.param
