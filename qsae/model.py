@@ -395,6 +395,11 @@ def hidden_sums(U: np.ndarray, config: SAEConfig) -> np.ndarray:
     every σ(z) rounds to 1 (inputs far outside [0, 1]); each chunk's sums are added in float64.
     Divided by m they are the ``rates`` of ``sparsity_delta`` and the KL term.
     """
+    U = np.asarray(U)
+    if U.ndim != 2 or U.shape[1] != config.n_hidden + 1 or U.dtype not in DTYPES:
+        raise DataError(f"the hidden layer has shape {U.shape} and dtype {U.dtype} but n_hidden={config.n_hidden}; "
+                        "pass U = hidden_exp(theta, X, config)")
+    U = np.ascontiguousarray(U)
     h, rows, m, dt = config.n_hidden, chunk_rows(config), U.shape[0], U.dtype
     k0 = min(rows, m)
     col = np.zeros((-(-m // rows), 2, U.shape[1]), dtype=dt)

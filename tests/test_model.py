@@ -330,6 +330,8 @@ def test_hidden_layer_of_another_shard_is_refused():
     U = hidden_exp(theta, X[:9], cfg)
     with pytest.raises(DataError, match=r"hidden layer has shape \(9, 31\).*hidden_exp\(theta, X, config\)"):
         backward(theta, X, U, None, cfg)
+    with pytest.raises(DataError, match=r"hidden layer has shape \(9, 30\).*n_hidden=30.*hidden_exp"):
+        hidden_sums(U[:, :30], cfg)
     with pytest.raises(DataError, match=r"rates have shape \(7,\) but n_hidden=30"):
         sparsity_delta(np.full(7, 0.1), cfg)
 
