@@ -8,9 +8,11 @@ One Master with 2 local workers evaluates the cost at a fixed θ for ``--seconds
 through the same wrapper train() uses with a dashboard (evaluations counted, the workers'
 table published) and with one history line published per evaluation, so the page always
 has new points to fetch and draw (more than a real run, whose iterations are rarer).
-Phases alternate closed / open ``--pairs`` times, so slow drifts of a shared machine fall on
-both; the ratio is of the medians. "open" is a real headless Chromium (tests/browser.py)
-showing the page with ``?refresh=100`` (the browser is on about:blank while closed), or,
+Phases alternate closed / open ``--pairs`` times (short phases, so slow drifts of a shared
+machine fall on both); printed are the ratio of each pair's rates (median, quartiles) and
+of the medians. "open" is a real headless Chromium (tests/browser.py) showing the page with
+``?refresh=100``; "closed" is the same page frozen (``Page.setWebLifecycleState``: no timer
+runs, nothing is fetched or drawn, as if nobody had it open), or,
 with ``--client http``, a thread fetching state.json 10 times a second (the server's cost
 alone, no browser competing for the cores).
 """
@@ -99,7 +101,7 @@ class Poller:
         self.thread.join(5)
 
 
-def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
+def measure(client: str, pairs: int, seconds: float, patches: int, verbose: bool = False) -> tuple[dict, dict]:
     cfg = SAEConfig()
     theta = init_params(cfg, seed=0)
     rates = {"closed": [], "open": []}
@@ -120,13 +122,16 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
             browser_ctx = browser.chromium()
             driver = browser_ctx.__enter__()
             browser_pid = driver.service.process.pid  # chromedriver: chromium and its renderers below it
+            driver.get(board.url + "?refresh=100")
+            time.sleep(1.0)
+
+            def page(state: str) -> None:  # a frozen page runs no timer and fetches nothing: "closed"
+                driver.execute_cdp_cmd("Page.setWebLifecycleState", {"state": "active" if state == "open" else "frozen"})
         try:
             for k in range(pairs):
                 for state in ("closed", "open") if k % 2 == 0 else ("open", "closed"):
                     if client == "browser":
-                        driver.get(board.url + "?refresh=100" if state == "open" else "about:blank")
-                        if state == "open":
-                            time.sleep(0.5)  # the page loaded and polling
+                        page(state)
                         n, rate, own, other = phase(objective, board, theta, seconds, it, browser_pid)
                     elif state == "open":
                         with Poller(board.url):
@@ -136,11 +141,12 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
                     it += n
                     rates[state].append(rate)
                     cpu[state].append((own / rate * 1e3, other))
-                    print(f"  {client:<8} {state:<7} {n:6d} evaluations  {rate:8.1f} /s   master+server "
-                          f"{own / rate * 1e3:6.2f} ms CPU an evaluation   browser {other * 100:5.1f}% of a core",
-                          flush=True)
+                    if verbose:
+                        print(f"  {client:<8} {state:<7} {n:6d} evaluations  {rate:8.1f} /s   master+server "
+                              f"{own / rate * 1e3:6.2f} ms CPU an evaluation   browser {other * 100:5.1f}% of a core",
+                              flush=True)
             if client == "browser":
-                driver.get(board.url + "?refresh=100")
+                page("open")
                 time.sleep(1.5)
                 points = int(driver.find_element("id", "cost_it").get_attribute("data-points") or 0)
                 assert points > 0, "the page drew nothing: not a fair 'open'"
@@ -153,14 +159,18 @@ def measure(client: str, pairs: int, seconds: float, patches: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--client", choices=("browser", "http", "both"), default="both")
-    p.add_argument("--pairs", type=int, default=4, help="closed/open pairs (alternating order)")
-    p.add_argument("--seconds", type=float, default=4.0, help="seconds per phase")
+    p.add_argument("--pairs", type=int, default=30, help="closed/open pairs (alternating order)")
+    p.add_argument("--seconds", type=float, default=1.0, help="seconds per phase")
+    p.add_argument("-v", "--verbose", action="store_true", help="a line per phase")
     p.add_argument("--patches", type=int, default=20_000, help="patches m (20000: ~5 ms an evaluation on 2 workers)")
     args = p.parse_args(argv)
     rows = []
     for client in (("browser", "http") if args.client == "both" else (args.client,)):
-        rates, cpu = measure(client, args.pairs, args.seconds, args.patches)
+        rates, cpu = measure(client, args.pairs, args.seconds, args.patches, args.verbose)
         closed, opened = statistics.median(rates["closed"]), statistics.median(rates["open"])
+        pair = sorted(o / c for o, c in zip(rates["open"], rates["closed"]))
+        print(f"{client}: open/closed of each pair: median {statistics.median(pair):.3f}, quartiles "
+              f"{pair[len(pair) // 4]:.3f}-{pair[3 * len(pair) // 4]:.3f}, mean {statistics.fmean(pair):.3f}")
         own = {k: statistics.median(c[0] for c in v) for k, v in cpu.items()}
         other = {k: statistics.median(c[1] for c in v) for k, v in cpu.items()}
         rows.append((client, closed, opened, opened / closed, own["closed"], own["open"], other["open"] - other["closed"]))
