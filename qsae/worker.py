@@ -231,9 +231,12 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
         try:
-            self.hello()
+            # the handshake first, HELLO after: zmq connects and shakes hands with no message queued, and a
+            # DEALER's send blocks while it has no connection, as when the master refuses every handshake
+            # (a worker without keys against a CURVE master hung in hello() every other time)
             if not self._await_handshake():
                 return 1
+            self.hello()
             log.info("%s: connected to the master at %s, said HELLO", self.name, self.connect_to)
             while True:
                 if self._poller.poll(int(self.heartbeat * 1000)):
