@@ -322,12 +322,15 @@ def history_of(run_dir: Path) -> list[dict]:
 
 def test_6_sigterm_saves_at_once_even_mid_evaluation(tmp_path):
     """Slurm sends SIGKILL KillWait seconds after SIGTERM: θ must be on disk before anything slow.
-    A run whose evaluations take about a second gets SIGTERM, then SIGKILL 0.5 s later."""
+    A run whose evaluations take over a second (h = 1000) gets SIGTERM just as an iteration
+    closed (the next evaluation has begun), then SIGKILL 0.5 s later: the old handler only
+    flagged the stop for the end of the iteration, which never came."""
     run_dir = tmp_path / "r"
-    p = start("qsae-master", "--local", "--patches", "600000", "--iters", "100000", "--checkpoint-every", "100000",
-              "--out", str(run_dir), "-q")
+    p = start("qsae-master", "--local", "--patches", "60000", "--hidden", "1000", "--iters", "100000",
+              "--checkpoint-every", "100000", "--out", str(run_dir), "-q")
     try:
-        wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 3, p)
+        wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 2, p)
+        wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 3, p)  # polled fast: just closed
         p.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         p.kill()
