@@ -615,11 +615,21 @@ class _EventLog:
         return [line + " (each worker's in workers.jsonl)"]
 
 
+class _RunLog(logging.FileHandler):
+    """DIR/run.log: a line that cannot be written (the disk is full) is dropped, not reported with
+    logging's traceback on the terminal; the run's own error names the full disk and what is intact."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
 def _open_log(args: argparse.Namespace) -> None:
     """Create the output directory and send the log to DIR/run.log as well (appended on --resume)."""
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(args.out / "run.log", mode="a" if args.resume is not None else "w")
+        handler = _RunLog(args.out / "run.log", mode="a" if args.resume is not None else "w")
         if args.resume is None and (args.out / "workers.jsonl").exists():  # --force: the new run's events only
             (args.out / "workers.jsonl").unlink()
     except OSError as e:
