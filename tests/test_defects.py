@@ -570,3 +570,16 @@ def test_6_a_slurm_job_told_to_stop_saves_its_run(slurm_cluster, tmp_path, how):
     assert meta["iteration"] in [h["iteration"] for h in history_of(run_dir)]
     if how:  # the batch shell's signal alone: the master stops its workers itself and reports the stop
         assert "stopped by SIGTERM" in text, text[-3000:]
+
+
+def test_2_9_a_worker_refuses_blocks_its_host_cannot_hold():
+    """Workers on other hosts are judged where they run: a worker told to hold more rows than
+    its host's memory says so (the master's own check cannot know remote hosts), before cutting."""
+    from qsae import Master, load_images
+    from qsae.errors import WorkerError
+
+    with Master(workers=1, worker_timeout=30) as master:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="its host has .* GiB of memory"):
+            master.scatter_images(load_images(), m=10**9)
+        assert time.monotonic() - t0 < 20  # refused before cutting anything
