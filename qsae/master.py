@@ -700,7 +700,8 @@ class Master:
             self.stats["rounds"] += 1
             data = zmq.Frame(arg)  # built once (one copy below 64 KB); libzmq shares it between the messages
             for ident, ids in assignment.items():
-                self._send_frames(ident, (ident, encode(EVAL, r, [arg], op=op, ids=ids, evaluation=rnd.evaluation)[0], data))
+                head = encode(EVAL, r, [arg], op=op, ids=ids, evaluation=rnd.evaluation)[0]
+                self._send_frames(ident, (ident, head, data))
             self._run_round(rnd, arg, data)
         return rnd.replies()
 
