@@ -112,14 +112,15 @@ class Dashboard:
         self._png_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._started = time.time()
+        self._config: Any = None  # the model's settings (SAEConfig), to draw the filters
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Dashboard":
         """Bind and serve in a daemon thread; ConfigError when the address cannot be bound."""
         handler = type("Handler", (_Handler,), {"board": self})
         try:
-            self._server = _Server((self.host, self.port), handler)
+            server = _Server6 if ":" in self.host else _Server
+            self._server = server((self.host, self.port), handler)
         except OSError as e:
             raise ConfigError(f"--dashboard {self.host}:{self.port}: cannot listen there ({e.strerror}); give another "
                               f"port (0: any free one) or --dashboard off") from e
@@ -181,7 +182,7 @@ class Dashboard:
             now = time.monotonic()
             if theta is not None and (self._filters is None or (iteration - self._filters[0] >= FILTERS_EVERY
                                                                 and now - self._filters_at >= FILTERS_SECONDS)):
-                self._filters, self._filters_at = (int(iteration), theta, getattr(self, "_config", None)), now
+                self._filters, self._filters_at = (int(iteration), theta, self._config), now
 
     def evaluations(self, n: int) -> None:
         """The cost function has been evaluated ``n`` times."""
@@ -208,7 +209,7 @@ class Dashboard:
         with self._lock:
             self._info.update(state="finished", message=message)
             if filters is not None:
-                self._filters = (int(filters[0]), filters[1], getattr(self, "_config", None))
+                self._filters = (int(filters[0]), filters[1], self._config)
 
     # ------------------------------------------------------------------ reading (server threads)
     def state(self, since: int = 0) -> dict:
@@ -228,7 +229,7 @@ class Dashboard:
                 "settings": {k: _json_safe(v) for k, v in settings.items()}}
 
     def filters_png(self) -> bytes | None:
-        """The published filters as a PNG, rendered once per published θ."""
+        """The published filters as a PNG, rendered once per published θ (in the server thread)."""
         with self._lock:
             published = self._filters
         if published is None or published[2] is None:
@@ -286,6 +287,10 @@ def _render_filters(theta: np.ndarray, config: Any) -> bytes:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow client never keeps the process alive
     allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):

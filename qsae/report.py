@@ -140,6 +140,10 @@ def _filters(theta: np.ndarray | None, config) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _speeds(events: list[dict]) -> str | None:
     """Each worker's rows/s and rows held against seconds since the first event."""
     from matplotlib.figure import Figure
@@ -148,8 +152,10 @@ def _speeds(events: list[dict]) -> str | None:
     t0 = min((e["time"] for e in events if "time" in e), default=None)
     for e in events:
         for w in e.get("workers") or []:
-            rate = w.get("rows_per_s")
-            if "time" in e and isinstance(rate, (int, float)) and math.isfinite(rate):
+            rate = w.get("rows_per_s")  # the median of recent samples of 10 ms or more (membership.py)
+            if not _number(rate) and _number(w.get("seconds")) and w["seconds"] > 0 and w.get("rows"):
+                rate = w["rows"] / w["seconds"]  # faster evaluations give no samples: the last one's speed
+            if "time" in e and _number(rate):
                 rows = w.get("rows", 0) if w.get("state") == "active" else 0
                 samples.setdefault(str(w.get("name")), []).append((e["time"] - t0, rate, rows))
     if not samples:
