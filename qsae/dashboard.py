@@ -113,6 +113,8 @@ class Dashboard:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._config: Any = None  # the model's settings (SAEConfig), to draw the filters
+        self._master: Any = None  # a Master given to watch(): callback() samples its table
+        self._sampled = 0.0  # time.monotonic() of that sample
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Dashboard":
@@ -168,7 +170,7 @@ class Dashboard:
         with self._lock:
             self._history = rows
             self._config = config
-            self._info.update(state="running", maxiter=int(maxiter), start_iteration=int(start_iteration),
+            self._info.update(state="running", maxiter=int(maxiter) or None, start_iteration=int(start_iteration),
                               resumed_at=int(start_iteration) if start_iteration else None,
                               session_started=time.time())
 
@@ -204,6 +206,42 @@ class Dashboard:
             if event.get("workers") is not None:
                 self._workers = event["workers"]
 
+    def watch(self, master) -> "Dashboard":
+        """Show a ``Master``'s membership and placement events (chained after its own
+        ``on_event``) and, through ``callback``, its workers' table; returns self.
+
+            with Master(workers=2) as master, Dashboard() as board:
+                board.watch(master)
+                master.scatter_images(images, m=10_000)
+                master.fit(maxiter=400, callback=board.callback)
+        """
+        previous = master.members.on_event
+
+        def on_event(event: dict) -> None:
+            if previous is not None:
+                previous(event)
+            self.on_event(event)
+
+        master.members.on_event = on_event
+        self._master = master
+        with self._lock:
+            self._config = master.config
+        self.settings(model=master.config.to_dict(), protocol=master.reducer.name, dtype=master.dtype.name,
+                      master=master.address)
+        self.workers(master.status(), master.backups_by)
+        return self
+
+    def callback(self, info) -> None:
+        """``callback=`` of ``qsae.optim.minimize`` and ``Master.fit``: an iteration (and the
+        watched master's table, every ``WORKERS_EVERY`` seconds at most)."""
+        if self._info.get("state") == "starting":
+            self.begin(0, config=self._config)
+        self.iteration(info.iteration, info.seconds, info.cost, info.grad_norm, info.x)  # x: the optimizer's copy
+        now = time.monotonic()
+        if self._master is not None and now - self._sampled >= WORKERS_EVERY:
+            self._sampled = now
+            self.workers(self._master.status(), self._master.backups_by)
+
     def end(self, message: str, filters: tuple[int, np.ndarray] | None = None) -> None:
         """The run ended (``message``: converged, ran its iterations, stopped, failed)."""
         with self._lock:
@@ -217,12 +255,13 @@ class Dashboard:
         with self._lock:  # copies of references and short lists only; the work is done outside
             history = self._history[since:]
             n = len(self._history)
+            last = self._history[-1] if self._history else None
             events = list(self._events)
             workers, backups = self._workers, dict(self._backups)
             info, settings = dict(self._info), dict(self._settings)
             filters = self._filters[0] if self._filters is not None else None
         info.update(history_length=n, filters_iteration=filters, now=time.time())
-        info["eta"] = _eta(history, info, n)
+        info["eta"] = _eta(last, info)
         table = [{**w, "backups": backups.get(w.get("name"), 0)} for w in workers]
         return {"info": info, "history_from": since, "history": [_finite(r) for r in history],
                 "workers": [{k: _json_safe(v) for k, v in w.items()} for w in table], "events": events,
@@ -241,11 +280,12 @@ class Dashboard:
             return self._png[1]
 
 
-def _eta(history: list, info: dict, n: int) -> float | None:
-    """Seconds left at this session's pace; None before two iterations."""
-    if not history or "maxiter" not in info:
+def _eta(last: list | None, info: dict) -> float | None:
+    """Seconds left at this session's pace (``last``: the latest history line); None before
+    the session's first iteration, when it ended, or without a last iteration."""
+    if last is None or not info.get("maxiter"):
         return None
-    last_it, last_s = history[-1][0], history[-1][1]
+    last_it = last[0]
     done = last_it - info.get("start_iteration", 0)
     if done <= 0 or info.get("state") != "running":
         return None

@@ -277,3 +277,40 @@ def test_the_flag_off_bad_and_taken(tmp_path):
         r = cli("--local", "--iters", "2", "--dashboard", f"127.0.0.1:{port}", "--out", str(tmp_path / "d"))
     assert r.returncode == 2 and f"--dashboard 127.0.0.1:{port}: cannot listen there" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_watched_master_fits_with_the_page_fed(tmp_path):
+    """The embedded Master: watch() chains its events, callback= feeds Master.fit's iterations."""
+    from qsae.data import load_images
+    from qsae.master import Master
+    from qsae.model import SAEConfig
+
+    cfg = SAEConfig()
+    events = []
+    with Master(workers=2, config=cfg, on_event=events.append) as master, Dashboard() as board:
+        board.watch(master)
+        master.scatter_images(load_images(), m=3000, seed=0)
+        result = master.fit(maxiter=6, callback=board.callback)
+        s = json.loads(get(board.url + "state.json")[1])
+    assert [h[0] for h in s["history"]] == list(range(result.nit + 1))
+    assert s["history"][-1][2] == pytest.approx(result.fun)
+    assert sorted(w["name"] for w in s["workers"]) == ["local#0", "local#1"]
+    assert all(w["state"] == "active" and w["rows"] > 0 for w in s["workers"])
+    assert sum(w["rows"] for w in s["workers"]) == 3000
+    assert [e["event"] for e in s["events"]] == [e["event"] for e in events][-len(s["events"]):]
+    assert any(e["event"] == "move" for e in s["events"])  # the placement after watch()
+    assert s["settings"]["protocol"] == "exact" and s["settings"]["dtype"] == "float64"
+    assert s["info"]["filters_iteration"] is not None and s["info"]["eta"] is None  # maxiter unknown to the page
+
+
+def test_the_eta_stays_when_a_poll_brings_no_new_line():
+    board = Dashboard()
+    board.begin(100)
+    for it in range(5):
+        board.iteration(it, it * 0.1, 1.0 / (it + 1), 0.1)
+    time.sleep(0.05)
+    full, empty = board.state(0), board.state(5)
+    assert empty["history"] == [] and empty["info"]["history_length"] == 5
+    assert full["info"]["eta"] > 0 and empty["info"]["eta"] > 0
+    board.end("done")
+    assert board.state(5)["info"]["eta"] is None
