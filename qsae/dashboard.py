@@ -21,7 +21,9 @@ matplotlib's PIL) when new filters are published.
 
 Security (as Jupyter): bound to 127.0.0.1 unless asked; any other address gets a token
 made per run (``secrets.token_urlsafe``), printed in the URL, and every request without
-it is answered 403. Malformed requests are answered 4xx by the standard library's parser.
+it is answered 403. Without a token, a request naming another host than the loopback's
+in its Host header is refused too (a web page cannot read the dashboard through DNS
+rebinding). Malformed requests are answered 4xx by the standard library's parser.
 """
 
 from __future__ import annotations
@@ -324,6 +326,14 @@ def _render_filters(theta: np.ndarray, config: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------- the server
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'localhost:8787' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow client never keeps the process alive
     allow_reuse_address = True
@@ -360,6 +370,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self._error(HTTPStatus.BAD_REQUEST, "malformed query string")
         board = self.board
+        host = _host_name(self.headers.get("Host", ""))
+        if board.token is None and host and not _loopback(host):  # a page on another site, via DNS rebinding
+            return self._error(HTTPStatus.FORBIDDEN, f"this dashboard answers to 127.0.0.1 or localhost, not "
+                                                     f"{host[:80]!r}: open http://127.0.0.1:{board.port}/")
         if board.token is not None:
             given = (query.get("token") or [""])[0]
             if not secrets.compare_digest(given.encode(), board.token.encode()):

@@ -314,3 +314,14 @@ def test_the_eta_stays_when_a_poll_brings_no_new_line():
     assert full["info"]["eta"] > 0 and empty["info"]["eta"] > 0
     board.end("done")
     assert board.state(5)["info"]["eta"] is None
+
+
+def test_a_loopback_page_answers_only_to_loopback_host_names():
+    """No token on 127.0.0.1: a Host header of another name (DNS rebinding) is refused."""
+    with Dashboard() as board:
+        for host, code in (("evil.example", b"403"), ("evil.example:%d" % board.port, b"403"),
+                           ("10.0.0.1", b"403"), ("127.0.0.1:%d" % board.port, b"200"),
+                           ("localhost:%d" % board.port, b"200"), ("[::1]:%d" % board.port, b"200")):
+            line = raw(board.port, f"GET /state.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert line.split()[1] == code, (host, line)
+        assert get(board.url)[0] == 200  # urllib sends Host: 127.0.0.1:PORT
