@@ -17,6 +17,7 @@ only a process whose setting differs pays for a set and a restore (about 15 µs 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import Callable, TypeVar
 
@@ -76,7 +77,26 @@ def pinned(fn: F) -> F:
     return run  # type: ignore[return-value]
 
 
-def blas_info() -> list[dict]:
-    """The BLAS libraries of this process: api, version, kernel (architecture) and threads."""
+def _numpys(controllers: list) -> list:
+    """The controllers of numpy's own BLAS (the one the model's products run on): the libraries
+    inside numpy's folder or the wheel's ``numpy.libs``; all of them where none is (a system
+    BLAS). scipy brings its own OpenBLAS, loaded or not depending on what a process imported."""
+    import numpy
+
+    home = os.path.dirname(os.path.abspath(numpy.__file__))
+    own = [c for c in controllers if os.path.abspath(c.filepath).startswith((home + os.sep, home + ".libs" + os.sep))]
+    return own or sorted(controllers, key=lambda c: c.filepath)
+
+
+def blas_info(numpy_only: bool = True) -> list[dict]:
+    """This process's BLAS: api, version, kernel (architecture) and threads of numpy's library
+    (of every library loaded, with ``numpy_only=False``)."""
+    try:
+        import numpy  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return []
+    found = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]  # those loaded now
+    libs = _numpys(found) if numpy_only else found
     return [{"api": c.internal_api, "version": c.version, "kernel": getattr(c, "architecture", None),
-             "threads": c.get_num_threads()} for c in _blas_controllers()]
+             "threads": c.get_num_threads()} for c in libs]

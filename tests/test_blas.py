@@ -54,3 +54,13 @@ def test_set_threads_is_checked():
     assert _blas.threads() == 1
     info = _blas.blas_info()
     assert info and {"api", "version", "kernel", "threads"} <= set(info[0])
+
+
+def test_the_kernel_a_worker_reports_is_numpys_whatever_else_is_loaded():
+    """Workers report their BLAS in HELLO and the master warns when they differ: scipy's own
+    OpenBLAS, loaded in some workers and not others (or first in one, second in another), must
+    not make equal workers look different (it did: 'workers run different BLAS kernels')."""
+    import scipy.linalg  # noqa: F401  (scipy's wheels bring a second OpenBLAS)
+
+    assert len(_blas.blas_info()) == 1
+    assert len(_blas.blas_info(numpy_only=False)) >= 1
