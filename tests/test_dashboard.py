@@ -325,3 +325,13 @@ def test_a_loopback_page_answers_only_to_loopback_host_names():
             line = raw(board.port, f"GET /state.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             assert line.split()[1] == code, (host, line)
         assert get(board.url)[0] == 200  # urllib sends Host: 127.0.0.1:PORT
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(browser, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true and no browser: no /nonexistent/chromium"):
+        browser.require()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
+        browser.require()
