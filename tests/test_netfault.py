@@ -90,5 +90,7 @@ def test_cut_link_mid_run_then_restore(netns, tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+    # Bit-for-bit: every worker here inherits this process's environment (the same BLAS kernel), and the
+    # blocks' sums are added along the fixed summation tree whoever computed them, cut link or not.
     costs = np.array([c for _, _, c in result.history])
-    np.testing.assert_allclose(costs, [c for _, _, c in reference.history], rtol=1e-10)
+    np.testing.assert_array_equal(costs, [c for _, _, c in reference.history])

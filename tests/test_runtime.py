@@ -1,4 +1,12 @@
-"""The master and real worker processes on 127.0.0.1: exact sums, errors, clean exits."""
+"""The master and real worker processes on 127.0.0.1: exact sums, errors, clean exits.
+
+What is compared how: the workers' cost against the in-process ``cost_and_grad`` within a
+float64 tolerance (rel 1e-12, about 4500 ulps; measured differences are a few ulps), because the
+two add their rows in different orders (row chunks in sequence, against blocks along the
+summation tree) and one round folds the sparsity term in by another formula. Runs of the
+master against each other — other worker counts, placements, backups, lost workers — are
+bit-for-bit (tests/test_cluster.py, tests/test_faults.py): there the code fixes every order.
+"""
 
 from __future__ import annotations
 
@@ -385,13 +393,27 @@ def test_exact_in_float32_for_1_to_3_workers(problem, t):
 def test_float32_workers_train_like_a_float32_local_run(images):
     from qsae.optim import minimize
 
+    # Not bit-for-bit: the in-process cost adds its 504-row chunks in one sequence, the workers add their
+    # blocks along the summation tree — another order of float32 sums (accumulated in float64) — and with
+    # one round (3000 rows) the master folds the sparsity term in as diag(s)·Σ f'xᵀ where the in-process
+    # cost folds s into its backward pass: another formula. So each evaluation agrees to float32 ulps
+    # (cost: rtol 16·eps; gradient: 128·eps of its norm, 26 measured), checked on every iterate of a real
+    # L-BFGS run; the trajectories may then drift apart, so the trainings are compared by final cost, to 1e-4.
+    eps = float(np.finfo(np.float32).eps)
     X = sample_patches(images, 3000, seed=3, dtype=np.float32)
     theta0 = init_params(CFG, seed=3)
-    local = minimize(lambda th: cost_and_grad(th, X, CFG), theta0, maxiter=10)
+    iterates = []
+    local = minimize(lambda th: cost_and_grad(th, X, CFG), theta0, maxiter=10,
+                     callback=lambda info: iterates.append(np.array(info.x)))
+    assert len(iterates) == 11
     with Master(workers=2, config=CFG, dtype="float32") as master:
         master.scatter_images(images, m=3000, seed=3)
+        for theta in iterates:
+            (c, g), (c_ref, g_ref) = master(theta), cost_and_grad(theta, X, CFG)
+            assert c == pytest.approx(c_ref, rel=16 * eps)
+            assert np.linalg.norm(g - g_ref) <= 128 * eps * np.linalg.norm(g_ref)
         remote = master.fit(theta0, maxiter=10)
-    np.testing.assert_allclose([c for _, _, c in remote.history], [c for _, _, c in local.history], rtol=1e-6)
+    assert remote.fun == pytest.approx(local.fun, rel=1e-4)
 
 
 def test_a_block_of_another_dtype_is_refused_by_the_worker():
