@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -252,13 +253,15 @@ class Dashboard:
                 self._filters = (int(filters[0]), filters[1], self._config)
 
     # ------------------------------------------------------------------ reading (server threads)
-    def state(self, since: int = 0) -> dict:
-        """What the page shows: history lines from ``since`` on, and everything else whole."""
+    def state(self, since: int = 0, events_after: int = 0) -> dict:
+        """What the page shows: history lines from ``since`` on, events numbered after
+        ``events_after``, and everything else whole."""
         with self._lock:  # copies of references and short lists only; the work is done outside
             history = self._history[since:]
             n = len(self._history)
             last = self._history[-1] if self._history else None
-            events = list(self._events)
+            first = self._events[0]["n"] if self._events else 0  # numbers are consecutive in the deque
+            events = list(itertools.islice(self._events, max(0, events_after - first + 1), None))
             workers, backups = self._workers, dict(self._backups)
             info, settings = dict(self._info), dict(self._settings)
             filters = self._filters[0] if self._filters is not None else None
@@ -382,10 +385,11 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path in ("/", "/index.html"):
             return self._send(HTTPStatus.OK, "text/html; charset=utf-8", _page(board), body)
         if url.path == "/state.json":
-            since = (query.get("since") or ["0"])[0]
-            if not since.isdigit() or len(since) > 9:
-                return self._error(HTTPStatus.BAD_REQUEST, "since= takes a whole number of history lines")
-            data = json.dumps(board.state(int(since)), separators=(",", ":")).encode()
+            since, after = (query.get("since") or ["0"])[0], (query.get("events") or ["0"])[0]
+            if not (since.isdigit() and after.isdigit()) or len(since) > 9 or len(after) > 9:
+                return self._error(HTTPStatus.BAD_REQUEST, "since= and events= take whole numbers (lines and "
+                                                           "events the page has)")
+            data = json.dumps(board.state(int(since), int(after)), separators=(",", ":")).encode()
             return self._send(HTTPStatus.OK, "application/json", data, body)
         if url.path == "/filters.png":
             png = board.filters_png()
@@ -593,7 +597,7 @@ function showTables(s) {  // only when they changed: a DOM rebuild costs layout
 }
 async function tick() {
   try {
-    const r = await fetch(q("state.json?since=" + H.length), {cache: "no-store"});
+    const r = await fetch(q("state.json?since=" + H.length + "&events=" + lastEvent), {cache: "no-store"});
     if (r.ok) { show(await r.json()); failures = 0; put("status", ""); $("status").className = ""; }
   } catch (e) {
     failures++;

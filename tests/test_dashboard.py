@@ -335,3 +335,13 @@ def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
         browser.require()
+
+
+def test_a_poll_gets_only_the_events_it_lacks():
+    board = Dashboard()
+    for k in range(600):  # more than the page keeps (MAX_EVENTS)
+        board.on_event({"time": 1.0, "event": "move", "detail": f"move {k + 1}"})
+    every = board.state()["events"]
+    assert len(every) == 500 and every[0]["n"] == 101 and every[-1]["n"] == 600
+    assert [e["n"] for e in board.state(0, 598)["events"]] == [599, 600]
+    assert board.state(0, 600)["events"] == [] and len(board.state(0, 50)["events"]) == 500
