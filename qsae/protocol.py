@@ -12,7 +12,9 @@ field is checked against the schema of its message type before anyone uses it.
 Message types (direction, fields, arrays):
 
     HELLO   w→m  name, host, pid, cores, version, blas         —
-                 (its BLAS library, version and kernel)
+                 (its BLAS library, version and kernel);
+                 optional: procs (a host agent's compute
+                 processes; absent: one process, a plain worker)
     SOURCE  m→w  config, kind ("images" | "array"), m,         the images (kind "images")
                  block_rows, patch_size, seed, sigma, dtype
     BLOCKS  m→w  ids (blocks to hold from now on)              one array of rows per id
@@ -96,6 +98,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     ERROR: {"etype": _STR, "message": _STR, "traceback": _STR, "host": _STR},
     STOP: {},
 }
+# Per type: fields a sender may leave out (older senders do), with their exact types. An agent
+# (``qsae.agent``) says how many compute processes it runs; a plain worker says nothing.
+OPTIONAL: dict[str, dict[str, tuple]] = {HELLO: {"procs": _INT}}
 ARRAY_COUNT = {EVAL: (1, 1), RESULT: (1, 1), SOURCE: (0, MAX_ARRAYS), BLOCKS: (0, MAX_ARRAYS)}  # (min, max)
 
 
@@ -165,12 +170,27 @@ def decode(frames: Sequence[Any]) -> Message:
                             "install the same qsae version on both")
     if type(r) is not int or r < 0:
         raise ProtocolError(f"{t}: round {r!r:.40} is not a non-negative integer")
-    _check_fields(t, schema, h)
+    _check_fields(t, schema, h, OPTIONAL.get(t))
     arrays = _arrays(t, specs, frames[1:])
     return Message(t, r, h, arrays)
 
 
-def _check_fields(t: str, schema: dict[str, tuple], h: dict) -> None:
+def _check_fields(t: str, schema: dict[str, tuple], h: dict, optional: dict[str, tuple] | None = None) -> None:
+    if not optional:  # most types, RESULT and PING among them: no dict built per message
+        _check_required(t, schema, h)
+        return
+    extra = {k: h.pop(k) for k in optional if k in h}  # checked apart: the required ones must match exactly
+    try:
+        _check_required(t, schema, h)
+        for k, val in extra.items():
+            if type(val) not in optional[k] or (type(val) is int and not -(2**62) < val < 2**62):
+                want = " or ".join(x.__name__ for x in optional[k])
+                raise ProtocolError(f"{t}: optional field {k!r} is {type(val).__name__} {val!r:.40}, expected {want}")
+    finally:
+        h.update(extra)
+
+
+def _check_required(t: str, schema: dict[str, tuple], h: dict) -> None:
     for k, types in schema.items():
         val = h.get(k, _MISSING)
         if type(val) not in types:

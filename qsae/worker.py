@@ -531,6 +531,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "keys; copy only DIR/worker to a node)")
     p.add_argument("--name", default=None, help="name in the master's log (None: HOST#PID)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (1: one worker per core)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="compute processes: more than 1 runs a host agent (qsae.agent), one connection for all")
     p.add_argument("--master-timeout", type=float, default=10.0, help="exit after this many seconds without the master")
     p.add_argument("--handshake-timeout", type=float, default=10.0,
                    help="exit when connected but no CURVE handshake completed within this many seconds (refused keys)")
@@ -570,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         except QsaeError as e:
             print(f"qsae-worker: error: {e}", file=sys.stderr)
             return 2
-        cfg = {"connect": connect, "curve": curve, "name": args.name, "threads": args.threads}
+        cfg = {"connect": connect, "curve": curve, "name": args.name, "threads": args.threads, "procs": args.procs}
     else:
         print("qsae-worker: give --connect tcp://MASTER:PORT (or --stdin when started by a launcher)", file=sys.stderr)
         return 2
@@ -586,8 +588,18 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a terminal of its own: the time, and the name the master knows it by (in the messages)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    worker = Worker(cfg["connect"], cfg.get("name"), cfg.get("curve"), master_timeout=args.master_timeout,
-                    threads=int(cfg.get("threads") or 1), handshake_timeout=args.handshake_timeout)
+    procs = 1 if cfg.get("procs") is None else cfg["procs"]
+    if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
+        print(f"qsae-worker: error: --procs {procs!r}: give a whole number of compute processes >= 1", file=sys.stderr)
+        return 2
+    options = dict(master_timeout=args.master_timeout, threads=int(cfg.get("threads") or 1),
+                   handshake_timeout=args.handshake_timeout)
+    if procs > 1:  # a host agent: one connection, `procs` forked compute processes (imported after _set_threads)
+        from .agent import Agent
+
+        worker = Agent(cfg["connect"], cfg.get("name"), cfg.get("curve"), procs=procs, **options)
+    else:
+        worker = Worker(cfg["connect"], cfg.get("name"), cfg.get("curve"), **options)
     if args.stdin:
         handler.addFilter(_DropName(worker.name))
     try:
@@ -645,6 +657,9 @@ def _stdin_config(line: str) -> dict:
     threads = cfg.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f'--stdin: "threads" is {threads!r}; give a whole number >= 1')
+    procs = cfg.get("procs")
+    if procs is not None and (isinstance(procs, bool) or not isinstance(procs, int) or procs < 1):
+        raise ConfigError(f'--stdin: "procs" is {procs!r}; give a whole number >= 1 (compute processes of an agent)')
     if cfg.get("name") is not None and not isinstance(cfg["name"], str):
         raise ConfigError(f'--stdin: "name" is {cfg["name"]!r}; give a string or null')
     return cfg

@@ -204,6 +204,10 @@ class LocalLauncher(ChildProcessLauncher):
     args : sequence of str
         What follows ``python`` on the command line; default ``-m qsae.worker --stdin``
         (tests pass a stand-in worker script).
+    procs : int
+        Compute processes of each of the ``n``: 1 (default) starts plain workers, more starts
+        ``n`` host agents (``qsae.agent``) of ``procs`` forked processes each, one connection
+        to the master per agent. ``LocalLauncher(1, procs=P)`` is one machine's agent.
 
     Notes
     -----
@@ -214,16 +218,24 @@ class LocalLauncher(ChildProcessLauncher):
     """
 
     def __init__(self, n: int, python: str = sys.executable, env: Mapping[str, str] | None = None,
-                 args: Sequence[str] = WORKER_ARGS) -> None:
+                 args: Sequence[str] = WORKER_ARGS, procs: int = 1) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"LocalLauncher(n={n!r}): expected a whole number of workers >= 1")
+        if not isinstance(procs, int) or isinstance(procs, bool) or procs < 1:
+            raise ConfigError(f"LocalLauncher(procs={procs!r}): expected a whole number of processes >= 1")
         super().__init__(python, env, args)
-        self._n = n
+        self._n, self.procs = n, procs
         self._prepared = False
 
     @property
     def n_workers(self) -> int:
         return self._n
+
+    def _message(self, connect: str, config: WorkerConfig, k: int, name: str) -> dict[str, Any]:
+        message = super()._message(connect, config, k, name)
+        if self.procs > 1:  # the worker runs as an agent of that many compute processes
+            message["procs"] = self.procs
+        return message
 
     def prepare(self) -> None:
         """Check that ``python`` runs and imports qsae at this version.

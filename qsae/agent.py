@@ -1,0 +1,250 @@
+"""One agent per host: the host's one connection to the master and its P compute processes.
+
+    qsae-worker --connect tcp://HOST:PORT --procs 16    # by hand: one agent, 16 processes
+    python -m qsae.worker --stdin                       # by a launcher: {"procs": 16, ...}
+
+To the master an agent is one worker with P cores (HELLO says ``cores=P·threads`` and
+``procs=P``): the planner gives it about P times a one-core worker's blocks, by measured
+speed, and the master's work per evaluation grows with hosts, not cores. The agent receives
+the SOURCE once and then forks its compute processes (``qsae.compute``), which share the
+images copy-on-write. It splits its blocks among them as contiguous ranges, so each adds
+its own along the summation tree; it gathers their rows and adds them along the same tree
+(``qsae.tree.value``) into the rows of the nodes its blocks make: one RESULT a round
+(several only past ``MAX_RESULT_ROWS`` nodes). The bits are those of any other placement.
+
+It answers the host's heartbeats while its processes compute. A compute process that dies
+mid-round is forked again from the agent, given its blocks again (cut from the images) and
+asked again: the master never hears of it and no partial sum leaves the host. An agent that
+dies or stops is, to the master, a lost or late worker (its existing paths).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+
+import numpy as np
+
+from . import tree
+from .compute import DROP as C_DROP
+from .compute import EVAL as C_EVAL
+from .compute import ERR, HOLD, Child, read, spawn, write
+from .errors import ProtocolError, WorkerError
+from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
+from .reduce import OPS, PER_BLOCK
+from .worker import Worker, _release_freed_memory, _span
+
+__all__ = ["Agent", "split"]
+
+log = logging.getLogger("qsae.agent")
+
+MAX_RESPAWNS = 3  # a compute process dying this often in one request is no accident: the request fails
+
+
+def split(ids: list[int], parts: int) -> list[list[int]]:
+    """``ids`` sorted and cut into ``parts`` contiguous runs of near-equal length (some may be empty)."""
+    ids = sorted(ids)
+    n = len(ids)
+    return [ids[n * k // parts:n * (k + 1) // parts] for k in range(parts)]
+
+
+class Agent(Worker):
+    """A worker whose blocks are computed by ``procs`` forked compute processes.
+
+    Parameters
+    ----------
+    connect, name, curve, heartbeat, master_timeout, threads, handshake_timeout : as ``Worker``.
+    procs : compute processes on this host (>= 1), usually one per core.
+    """
+
+    def __init__(self, connect: str, name: str | None = None, curve: dict | None = None, *, procs: int,
+                 **options) -> None:
+        if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
+            raise ValueError(f"procs={procs!r}: give a whole number of compute processes >= 1")
+        super().__init__(connect, name, curve, **options)
+        self.procs = procs
+        self.children: list[Child] = []
+        self.owner: dict[int, int] = {}  # block id -> slot of the compute process holding it
+        self.rows: dict[int, np.ndarray] = {}  # an array source's rows: given again to a respawned process
+        self.respawns = 0  # compute processes forked again after they died
+
+    # -- the connection
+    def hello(self) -> None:
+        """HELLO as one worker with P·threads cores and P processes."""
+        from . import __version__
+        import socket
+
+        self.send(HELLO, name=self.name, host=socket.gethostname(), pid=os.getpid(), cores=self.procs * self.threads,
+                  version=__version__, blas=self._blas, procs=self.procs)
+        self._last_hello = time.monotonic()
+
+    def run(self) -> int:
+        """Serve as ``Worker.run``; the compute processes end with it."""
+        try:
+            return super().run()
+        finally:
+            self._stop_children()
+
+    def pids(self) -> list[int]:
+        """The compute processes' pids, by slot."""
+        return [c.pid for c in self.children]
+
+    # -- the processes
+    def _stop_children(self) -> None:
+        for c in self.children:
+            c.close()
+        self.children, self.owner, self.rows = [], {}, {}
+
+    def _on_source(self, msg) -> None:
+        """Keep the source (``Worker._on_source``), then fork the processes that share it."""
+        self._stop_children()
+        super()._on_source(msg)
+        t0 = time.perf_counter()
+        for slot in range(self.procs):
+            self.children.append(spawn(slot, self.source, self.children))
+        log.info("%s: %d compute processes forked in %.3f s (the source shared copy-on-write)", self.name,
+                 self.procs, time.perf_counter() - t0)
+
+    def _respawn(self, slot: int) -> None:
+        """Fork slot's process again and give it the blocks it held."""
+        old = self.children[slot]
+        try:
+            os.waitpid(old.pid, 0)  # reaped: its socket said EOF, it is gone
+        except ChildProcessError:
+            pass
+        old.sock.close()
+        self.respawns += 1
+        new = spawn(slot, self.source, [c for c in self.children if c is not old])
+        new.blocks = old.blocks
+        self.children[slot] = new
+        log.warning("%s: compute process %d (pid %d) died; forked pid %d, cutting its %d blocks again", self.name,
+                    slot, old.pid, new.pid, len(new.blocks))
+        if new.blocks:
+            ids = sorted(new.blocks)
+            self._ask({slot: (HOLD, [self.rows[b] for b in ids if b in self.rows], {"ids": ids})})
+
+    def _ask(self, requests: dict[int, tuple]) -> dict[int, tuple[dict, list]]:
+        """Send each slot its request (type, arrays, fields); gather one reply each, pinging the
+        master meanwhile. A process that dies is forked again and asked again."""
+        for slot, (t, arrays, fields) in requests.items():
+            write(self.children[slot].sock, t, arrays, **fields)
+        replies: dict[int, tuple[dict, list]] = {}
+        tries: dict[int, int] = {}
+        errors = []
+        while len(replies) < len(requests):
+            waiting = [self.children[s] for s in requests if s not in replies]
+            ready, _, _ = select.select(waiting, [], [], self.heartbeat)
+            self._tick(busy=True)
+            if self.sock.poll(0):  # the master's PONGs queued meanwhile: it is still there
+                self._last_heard = time.monotonic()
+            for child in ready:
+                got = read(child.sock)
+                if got is None:
+                    tries[child.slot] = tries.get(child.slot, 0) + 1
+                    if tries[child.slot] > MAX_RESPAWNS:
+                        raise WorkerError(f"compute process {child.slot} died {MAX_RESPAWNS + 1} times in one request")
+                    self._respawn(child.slot)
+                    t, arrays, fields = requests[child.slot]
+                    write(self.children[child.slot].sock, t, arrays, **fields)
+                    continue
+                if got[0]["t"] == ERR:
+                    errors.append(got[0])
+                replies[child.slot] = got
+        if errors:  # every reply gathered first: none is left to be read as the next request's
+            e = errors[0]
+            raise WorkerError(f"compute process: {e['etype']}: {e['message']}\n{e['traceback']}")
+        return replies
+
+    # -- blocks
+    def _check_memory(self, ids: list) -> None:
+        """Nothing: the processes hold the rows (the launcher sized P to the host)."""
+
+    def _on_blocks(self, msg) -> None:
+        """Hold new blocks: contiguous runs to the processes holding the fewest rows."""
+        if self.source is None:
+            raise ValueError("BLOCKS before SOURCE: the worker does not know the data set yet")
+        t0 = time.perf_counter()
+        ids, src = [b for b in msg["ids"] if b not in self.owner], self.source
+        if src["kind"] == "images" and msg.arrays:
+            raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
+        if src["kind"] != "images":
+            if len(msg.arrays) != len(msg["ids"]):
+                raise ValueError(f"BLOCKS names {len(msg['ids'])} blocks but carries {len(msg.arrays)} arrays")
+            for b, X in zip(msg["ids"], msg.arrays):
+                lo, hi = self._bounds(b)
+                if X.shape != (hi - lo, src["config"].n_visible) or X.dtype != src["dtype"]:
+                    raise ValueError(f"block {b} came as {X.dtype}{X.shape}; expected {src['dtype']}"
+                                     f"{(hi - lo, src['config'].n_visible)}")
+                self.rows[b] = np.array(X)  # a copy: the frame is zmq's buffer
+        load = sorted(self.children, key=lambda c: len(c.blocks))
+        requests = {}
+        for child, part in zip(load, split(ids, len(load))):
+            if part:
+                requests[child.slot] = (HOLD, [self.rows[b] for b in part if b in self.rows], {"ids": part})
+                child.blocks.update(part)
+                self.owner.update({b: child.slot for b in part})
+        self._ask(requests)
+        log.info("holds %d blocks in %d processes: +%s", len(self.owner), self.procs, _span(msg["ids"]))
+        _release_freed_memory()
+        self.send(READY, msg.round, ids=sorted(self.owner), seconds=time.perf_counter() - t0)
+
+    def _on_drop(self, msg) -> None:
+        by_slot: dict[int, list[int]] = {}
+        for b in msg["ids"]:
+            slot = self.owner.pop(b, None)
+            self.rows.pop(b, None)
+            if slot is not None:
+                by_slot.setdefault(slot, []).append(b)
+        for slot, ids in by_slot.items():
+            self.children[slot].blocks.difference_update(ids)
+            write(self.children[slot].sock, C_DROP, ids=ids)
+        log.info("holds %d blocks: -%s", len(self.owner), _span(msg["ids"]))
+
+    # -- rounds
+    def _assign(self, ids: list[int]) -> dict[int, list[int]]:
+        """slot -> the blocks it computes: its own, and a straggler's (not held here) in contiguous runs."""
+        out: dict[int, list[int]] = {}
+        extra = []
+        for b in ids:
+            slot = self.owner.get(b)
+            if slot is None:
+                extra.append(b)
+            else:
+                out.setdefault(slot, []).append(b)
+        for slot, part in enumerate(split(extra, len(self.children))):
+            if part:
+                out.setdefault(slot, []).extend(part)
+        return out
+
+    def _on_eval(self, msg) -> None:
+        op, arg, evaluation, ids = msg["op"], msg.arrays[0], msg["evaluation"], msg["ids"]
+        if op not in OPS:
+            raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+        if self.source is None:
+            raise RuntimeError("EVAL before the data arrived: the worker holds no data")
+        if op == "forward":
+            self._theta, self._theta_of = np.array(arg), evaluation
+        elif op == "backward" and self._theta_of != evaluation:
+            raise ProtocolError(f"backward round of evaluation {evaluation}, but this agent's last forward round was "
+                                f"of evaluation {self._theta_of}: it holds no θ for it")
+        arrays = [arg, self._theta] if op == "backward" else [arg]
+        t0 = time.perf_counter()
+        replies = self._ask({slot: (C_EVAL, arrays, {"op": op, "ids": part, "evaluation": evaluation})
+                             for slot, part in self._assign(ids).items()})
+        seconds = time.perf_counter() - t0
+        rows = sum(head["rows"] for head, _ in replies.values())
+        if op not in PER_BLOCK:  # "average": each process's blocks are one shard; their m·J, m·∇J add up
+            out = sum(replies[s][1][0] for s in sorted(replies))
+            self.send(RESULT, msg.round, [out], ids=ids, nodes=[], rows=rows, seconds=seconds)
+            return
+        B = -(-self.source["m"] // self.source["block_rows"])
+        known = {tree.decode(c, B): row for head, (out,) in replies.values() for c, row in zip(head["nodes"], out)}
+        nodes = tree.cover(ids, B)
+        out = np.stack([tree.value(n, known, B) for n in nodes])  # along the tree: the bits of any placement
+        for lo in range(0, len(nodes), MAX_RESULT_ROWS):
+            part = nodes[lo:lo + MAX_RESULT_ROWS]
+            sub = [b for node in part for b in range(*tree.span(node, B))]
+            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=sub, nodes=[tree.code(n) for n in part],
+                      rows=sum(self._bounds(b)[1] - self._bounds(b)[0] for b in sub), seconds=seconds)
