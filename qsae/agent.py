@@ -127,11 +127,12 @@ class Agent(Worker):
 
     def _ask(self, requests: dict[int, tuple]) -> dict[int, tuple[dict, list]]:
         """Send each slot its request (type, arrays, fields); gather one reply each, pinging the
-        master meanwhile. A process that dies is forked again and asked again."""
-        for slot, (t, arrays, fields) in requests.items():
-            write(self.children[slot].sock, t, arrays, **fields)
-        replies: dict[int, tuple[dict, list]] = {}
+        master meanwhile. A process that dies (before, while or after it computes) is forked
+        again, given its blocks again and asked again."""
         tries: dict[int, int] = {}
+        for slot in requests:
+            self._post(slot, requests[slot], tries)
+        replies: dict[int, tuple[dict, list]] = {}
         errors = []
         while len(replies) < len(requests):
             waiting = [self.children[s] for s in requests if s not in replies]
@@ -140,14 +141,13 @@ class Agent(Worker):
             if self.sock.poll(0):  # the master's PONGs queued meanwhile: it is still there
                 self._last_heard = time.monotonic()
             for child in ready:
-                got = read(child.sock)
+                try:
+                    got = read(child.sock)
+                except OSError:  # ECONNRESET: it died with our request unread
+                    got = None
                 if got is None:
-                    tries[child.slot] = tries.get(child.slot, 0) + 1
-                    if tries[child.slot] > MAX_RESPAWNS:
-                        raise WorkerError(f"compute process {child.slot} died {MAX_RESPAWNS + 1} times in one request")
-                    self._respawn(child.slot)
-                    t, arrays, fields = requests[child.slot]
-                    write(self.children[child.slot].sock, t, arrays, **fields)
+                    self._died(child.slot, tries)
+                    self._post(child.slot, requests[child.slot], tries)
                     continue
                 if got[0]["t"] == ERR:
                     errors.append(got[0])
@@ -156,6 +156,22 @@ class Agent(Worker):
             e = errors[0]
             raise WorkerError(f"compute process: {e['etype']}: {e['message']}\n{e['traceback']}")
         return replies
+
+    def _post(self, slot: int, request: tuple, tries: dict[int, int]) -> None:
+        """Write one request to slot's process, forking it again first if it is gone."""
+        t, arrays, fields = request
+        while True:
+            try:
+                write(self.children[slot].sock, t, arrays, **fields)
+                return
+            except OSError:  # EPIPE: it died since its last reply
+                self._died(slot, tries)
+
+    def _died(self, slot: int, tries: dict[int, int]) -> None:
+        tries[slot] = tries.get(slot, 0) + 1
+        if tries[slot] > MAX_RESPAWNS:
+            raise WorkerError(f"compute process {slot} died {MAX_RESPAWNS + 1} times in one request")
+        self._respawn(slot)
 
     # -- blocks
     def _check_memory(self, ids: list) -> None:
@@ -199,7 +215,10 @@ class Agent(Worker):
                 by_slot.setdefault(slot, []).append(b)
         for slot, ids in by_slot.items():
             self.children[slot].blocks.difference_update(ids)
-            write(self.children[slot].sock, C_DROP, ids=ids)
+            try:
+                write(self.children[slot].sock, C_DROP, ids=ids)
+            except OSError:  # it died: forked again at the next request, without these blocks
+                pass
         log.info("holds %d blocks: -%s", len(self.owner), _span(msg["ids"]))
 
     # -- rounds

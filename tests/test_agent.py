@@ -1,0 +1,187 @@
+"""Host agents (qsae.agent): one connection per host, P forked compute processes, rows added
+along the summation tree; faults at the new level leave the cost history bit-equal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from qsae import Master, SAEConfig, init_params
+from qsae.agent import split
+from qsae.data import load_images
+from qsae.errors import ProtocolError
+from qsae.launch import LocalLauncher
+from qsae.protocol import HELLO, decode, encode
+
+from procs import alive, wait_gone
+
+pytestmark = pytest.mark.timeout(180)
+CFG = SAEConfig()
+M, ITERS = 3000, 25
+OPTS = dict(config=CFG, block_rows=250, reducer_options={"rounds": 2})  # 12 blocks; the two-round protocol
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images()
+
+
+@pytest.fixture(scope="module")
+def plain(images):
+    """The reference: three plain single-process workers."""
+    with Master(workers=3, **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        return master.fit(init_params(CFG), maxiter=ITERS)
+
+
+def costs(result) -> np.ndarray:
+    return np.array([c for _, _, c in result.history])
+
+
+def children(pid: int) -> list[int]:
+    """The compute processes of the agent ``pid`` (Linux: /proc's children list)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def agent_pids(master: Master) -> list[int]:
+    return sorted(w.pid for w in master._workers.values())
+
+
+def test_split_gives_contiguous_runs() -> None:
+    assert split([5, 1, 2, 3, 4, 0, 6], 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert split([7], 3) == [[], [], [7]]
+    assert split([], 2) == [[], []]
+
+
+def test_hello_procs_is_optional_and_checked() -> None:
+    base = dict(name="a", host="h", pid=1, cores=4, version="x", blas="")
+    assert "procs" not in decode(encode(HELLO, **base)).fields
+    assert decode(encode(HELLO, **base, procs=4))["procs"] == 4
+    with pytest.raises(ProtocolError, match="procs"):
+        decode(encode(HELLO, **base, procs="4"))
+
+
+@pytest.mark.parametrize("hosts,procs", [(1, 3), (2, 2)])
+def test_agents_give_the_bits_of_plain_workers(images, plain, hosts: int, procs: int) -> None:
+    """One agent of 3 processes, or 2 agents of 2: the master sees one connection per agent with
+    P cores, each agent holds about P times a one-core worker's blocks, and the history and θ of
+    20+ L-BFGS iterations are bit-equal to three plain workers'."""
+    with Master(launcher=LocalLauncher(hosts, procs=procs), **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        assert master.n_workers == hosts
+        for pid in agent_pids(master):
+            assert len(children(pid)) == procs
+        result = master.fit(init_params(CFG), maxiter=ITERS)
+        assert sum(row["blocks"] for row in master.status()) == M // 250
+    assert result.nit == plain.nit == ITERS
+    np.testing.assert_array_equal(costs(result), costs(plain))
+    np.testing.assert_array_equal(result.x, plain.x)
+
+
+def test_one_round_protocol_through_an_agent(images) -> None:
+    opts = dict(config=CFG, block_rows=250, reducer_options={"rounds": 1})
+    with Master(workers=2, **opts) as master:
+        master.scatter_images(images, m=M, seed=0)
+        quiet = master.fit(init_params(CFG), maxiter=ITERS)
+    with Master(launcher=LocalLauncher(1, procs=2), **opts) as master:
+        master.scatter_images(images, m=M, seed=0)
+        result = master.fit(init_params(CFG), maxiter=ITERS)
+    np.testing.assert_array_equal(costs(result), costs(quiet))
+
+
+def test_a_compute_process_killed_mid_round_changes_nothing(images, plain) -> None:
+    """SIGKILL one compute process at iteration 5 and another one while rounds run: the agent
+    forks each again, gives it its blocks again and asks again; the master loses nobody and
+    no partial sum reaches L-BFGS."""
+    with Master(launcher=LocalLauncher(1, procs=3), worker_timeout=10.0, **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        agent = agent_pids(master)[0]
+        killed: list[int] = []
+
+        def kill_one() -> None:
+            victim = children(agent)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+        def at_5(info) -> None:
+            if info.iteration == 5:
+                kill_one()
+            if info.iteration == 12:  # and one mid-round: a moment after the next evaluation began
+                threading.Timer(0.002, kill_one).start()
+
+        result = master.fit(init_params(CFG), maxiter=ITERS, callback=at_5)
+        assert master.n_workers == 1 and master.stats["backups"] == 0
+        assert len(killed) == 2 and not any(alive(p) for p in killed)
+        assert len(children(agent)) == 3  # forked again
+    np.testing.assert_array_equal(costs(result), costs(plain))
+    np.testing.assert_array_equal(result.x, plain.x)
+
+
+def test_an_agent_killed_is_a_lost_worker(images, plain) -> None:
+    """SIGKILL one of two agents at iteration 5: its compute processes die with it and its
+    blocks go to the other agent (the master's lost-worker path); the history is unchanged."""
+    with Master(launcher=LocalLauncher(2, procs=2), worker_timeout=2.0, **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        victim = agent_pids(master)[0]
+        compute = children(victim)
+
+        def at_5(info) -> None:
+            if info.iteration == 5:
+                os.kill(victim, signal.SIGKILL)
+
+        result = master.fit(init_params(CFG), maxiter=ITERS, callback=at_5)
+        assert master.n_workers == 1
+        assert wait_gone(compute, 5.0) == []  # PR_SET_PDEATHSIG: none computes on as an orphan
+    assert result.nit == ITERS
+    np.testing.assert_array_equal(costs(result), costs(plain))
+    np.testing.assert_array_equal(result.x, plain.x)
+
+
+def test_an_agent_stopped_is_a_straggler(images, plain) -> None:
+    """SIGSTOP one of two agents again and again (0.15-0.35 s): the other computes its blocks
+    in forward rounds and in backward rounds; the history and θ are bit-equal."""
+    with Master(launcher=LocalLauncher(2, procs=2), worker_timeout=10.0, **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        for _ in range(3):  # speeds measured: stragglers are told by their predicted time
+            master(init_params(CFG))
+        victim = agent_pids(master)[0]
+        stop = threading.Event()
+
+        def stutter() -> None:
+            rng = np.random.default_rng(1)
+            while not stop.wait(float(rng.uniform(0.02, 0.2))):
+                os.kill(victim, signal.SIGSTOP)
+                time.sleep(float(rng.uniform(0.15, 0.35)))
+                os.kill(victim, signal.SIGCONT)
+
+        t = threading.Thread(target=stutter)
+        t.start()
+        try:
+            result = master.fit(init_params(CFG), maxiter=ITERS)
+        finally:
+            stop.set()
+            t.join()
+            os.kill(victim, signal.SIGCONT)
+        assert master.n_workers == 2
+        assert master.stats["backups"] >= 1, master.stats
+    np.testing.assert_array_equal(costs(result), costs(plain))
+    np.testing.assert_array_equal(result.x, plain.x)
+
+
+def test_an_agent_stops_its_processes_on_sigterm(images) -> None:
+    """SIGTERM: the agent says BYE, closes its processes' sockets and reaps them."""
+    with Master(launcher=LocalLauncher(2, procs=2), **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        master(init_params(CFG))
+        victim = agent_pids(master)[0]
+        compute = children(victim)
+        os.kill(victim, signal.SIGTERM)
+        assert wait_gone([victim, *compute], 10.0) == []
+        master(init_params(CFG))
+        assert master.n_workers == 1
