@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--hosts", type=Path, default=None, metavar="FILE", help="hosts file: start workers over SSH (see hosts/README.md; default: none)")
     where.add_argument("--slurm", action="store_true", help="start workers with srun inside a Slurm allocation")
     where.add_argument("--wait-for", type=int, default=None, metavar="N", help="wait for N hand-started qsae-worker processes (default: none)")
+    where.add_argument("--agents", action="store_true",
+                       help="one agent per machine: --workers N is one agent of N processes, a hosts file's workers=N "
+                            "one agent of N processes per host (one connection per host; default: a connection each)")
     where.add_argument("--min-workers", type=int, default=None, metavar="N",
                        help="go on once this many workers have started (default: all of them)")
     where.add_argument("--bind", default=None, help="address the master binds (default: the one that reaches the workers)")
@@ -174,6 +177,9 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     need(args.workers is None or args.workers >= 1,
          f"--workers {args.workers}: give N >= 1 local workers (or leave it out for one per core, or --local)")
     need(args.wait_for is None or args.wait_for >= 1, f"--wait-for {args.wait_for}: give N >= 1 hand-started workers")
+    need(not (args.agents and (args.local or args.slurm or args.wait_for is not None)),
+         "--agents starts agents with --workers N or --hosts FILE; hand-started ones are `qsae-worker --procs N`, "
+         "and --local and --slurm start none: drop --agents")
     if args.min_workers is not None:
         need(not args.local, "--min-workers means nothing with --local (no workers): drop one of them")
         need(args.min_workers >= 1, f"--min-workers {args.min_workers}: give N >= 1")
@@ -378,11 +384,15 @@ def _launcher(args: argparse.Namespace):
 
         return SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
                            min_workers=args.min_workers, ssh_config=args.ssh_config or "~/.ssh/config",
-                           connect_timeout=args.connect_timeout)
+                           connect_timeout=args.connect_timeout, agents=args.agents)
     if args.slurm:
         from .launch import SlurmLauncher
 
         return SlurmLauncher()
+    if args.agents and not args.local and args.wait_for is None:  # this machine: one agent of N processes
+        from .launch import LocalLauncher
+
+        return LocalLauncher(1, procs=args.workers or os.cpu_count() or 1)
     return None
 
 

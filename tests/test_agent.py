@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -21,6 +22,7 @@ from qsae.protocol import HELLO, decode, encode
 from procs import alive, wait_gone
 
 pytestmark = pytest.mark.timeout(180)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = SAEConfig()
 M, ITERS = 3000, 25
 OPTS = dict(config=CFG, block_rows=250, reducer_options={"rounds": 2})  # 12 blocks; the two-round protocol
@@ -185,3 +187,52 @@ def test_an_agent_stops_its_processes_on_sigterm(images) -> None:
         assert wait_gone([victim, *compute], 10.0) == []
         master(init_params(CFG))
         assert master.n_workers == 1
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    from tests.sshd import SSHServer, require_sshd
+
+    require_sshd()
+    with SSHServer(tmp_path_factory.mktemp("sshd"), alias="node1") as server:
+        server.add_alias("node2", IdentityFile=str(server.client_key), UserKnownHostsFile=str(server.known_hosts))
+        yield server
+
+
+def test_a_hosts_file_starts_one_agent_per_host(sshd, tmp_path, images) -> None:
+    """SSHLauncher(agents=True): `workers=2` on each of two hosts is two connections with two
+    compute processes each; the history equals two plain local workers' to 1e-9 (sshd gives the
+    remote processes their own environment, so possibly another BLAS kernel: not bits)."""
+    from qsae.launch import SSHLauncher, parse_hosts
+
+    path = tmp_path / "hosts.txt"
+    path.write_text(f"node1 workers=2 python={sys.executable}\nnode2 workers=2 python={sys.executable}\n")
+    launcher = SSHLauncher(parse_hosts(path), ssh_config=str(sshd.ssh_config), connect_timeout=5, agents=True)
+    assert launcher.n_workers == 2
+    with Master(launcher=launcher, **OPTS) as master:
+        assert master.n_workers == 2
+        assert all(w.cores == 2 for w in master._workers.values())
+        agents = agent_pids(master)
+        master.scatter_images(images, m=M, seed=0)  # the SOURCE: each agent forks its processes
+        assert all(len(children(p)) == 2 for p in agents)
+        result = master.fit(init_params(CFG), maxiter=ITERS)
+    assert wait_gone(agents, 10.0) == []
+    with Master(workers=2, **OPTS) as master:
+        master.scatter_images(images, m=M, seed=0)
+        ref = master.fit(init_params(CFG), maxiter=ITERS)
+    np.testing.assert_allclose(costs(result), costs(ref), rtol=1e-9)
+
+
+def test_cli_agents_flag(tmp_path) -> None:
+    """`qsae-master --workers 2 --agents`: one agent of two processes trains; --agents with --local is refused."""
+    import subprocess
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "bin/qsae-master", "--workers", "2", "--agents", "--patches", "2000", "--iters",
+                        "3", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (out / "run.log").read_text()
+    assert "2 compute processes forked" in log
+    r = subprocess.run([sys.executable, "bin/qsae-master", "--local", "--agents"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 2 and "drop --agents" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import getpass
 import json
 import os
@@ -117,6 +118,10 @@ class SSHLauncher(Launcher):
     args : sequence of str
         What follows the remote python on the command line; default
         ``-m qsae.worker --stdin`` (tests pass a stand-in worker script).
+    agents : bool
+        False (default): a line's ``workers=N`` starts N plain workers, N connections.
+        True: it starts one host agent (``qsae.agent``) of N compute processes, one
+        connection per host; ``n_workers`` and ``min_workers`` then count agents.
 
     Notes
     -----
@@ -129,7 +134,7 @@ class SSHLauncher(Launcher):
     def __init__(self, hosts: Sequence[HostSpec], accept_new_host_keys: bool = False,
                  connect_timeout: float = 10.0, min_workers: int | None = None,
                  ssh_config: str | None = "~/.ssh/config", key_filename: str | None = None,
-                 known_hosts: str | None = None, args: Sequence[str] = WORKER_ARGS) -> None:
+                 known_hosts: str | None = None, args: Sequence[str] = WORKER_ARGS, agents: bool = False) -> None:
         super().__init__()
         try:
             import paramiko  # noqa: F401
@@ -140,6 +145,12 @@ class SSHLauncher(Launcher):
         hosts = list(hosts)
         if not hosts:
             raise ConfigError("SSHLauncher: no hosts given: pass the hosts of a hosts file (parse_hosts(path))")
+        self.agents = bool(agents)
+        self._procs: dict[int, int] = {}  # id of a line's spec -> its agent's compute processes
+        if agents:  # one connection per host: the line's workers=N become one agent's N processes
+            procs = [h.workers for h in hosts]
+            hosts = [dataclasses.replace(h, workers=1) for h in hosts]
+            self._procs = {id(h): n for h, n in zip(hosts, procs)}
         total = sum(h.workers for h in hosts)
         if min_workers is not None and not 1 <= min_workers <= total:
             raise ConfigError(f"min_workers={min_workers}: expected 1 to {total} (the hosts list {total} workers)")
@@ -464,6 +475,10 @@ class SSHLauncher(Launcher):
             first = len(h.workers)
             plan.append((h, [(k, self._message(connect, config, k, f"{h.display}#{first + i}"))
                              for i, k in enumerate(host_ks)]))
+            procs = self._procs.get(id(h.spec), 1)
+            if procs > 1:  # the worker runs as the host's agent of that many compute processes
+                for _, message in plan[-1][1]:
+                    message["procs"] = procs
         errors: list[str] = []
         threads = [threading.Thread(target=self._start_host, args=(h, msgs, errors), daemon=True,
                                     name=f"qsae-launch start {h.display}") for h, msgs in plan]
