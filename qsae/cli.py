@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--wait-for", type=int, default=None, metavar="N", help="wait for N hand-started qsae-worker processes (default: none)")
     where.add_argument("--agents", action="store_true",
                        help="one agent per machine: --workers N is one agent of N processes, a hosts file's workers=N "
-                            "one agent of N processes per host (one connection per host; default: a connection each)")
+                            "one agent of N processes per host, --slurm one step per node with all its CPUs (one "
+                            "connection per host; default: a connection per process)")
     where.add_argument("--min-workers", type=int, default=None, metavar="N",
                        help="go on once this many workers have started (default: all of them)")
     where.add_argument("--bind", default=None, help="address the master binds (default: the one that reaches the workers)")
@@ -177,9 +178,9 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     need(args.workers is None or args.workers >= 1,
          f"--workers {args.workers}: give N >= 1 local workers (or leave it out for one per core, or --local)")
     need(args.wait_for is None or args.wait_for >= 1, f"--wait-for {args.wait_for}: give N >= 1 hand-started workers")
-    need(not (args.agents and (args.local or args.slurm or args.wait_for is not None)),
-         "--agents starts agents with --workers N or --hosts FILE; hand-started ones are `qsae-worker --procs N`, "
-         "and --local and --slurm start none: drop --agents")
+    need(not (args.agents and (args.local or args.wait_for is not None)),
+         "--agents starts agents with --workers N, --hosts FILE or --slurm; hand-started ones are `qsae-worker "
+         "--procs N`, and --local starts none: drop --agents")
     if args.min_workers is not None:
         need(not args.local, "--min-workers means nothing with --local (no workers): drop one of them")
         need(args.min_workers >= 1, f"--min-workers {args.min_workers}: give N >= 1")
@@ -388,7 +389,7 @@ def _launcher(args: argparse.Namespace):
     if args.slurm:
         from .launch import SlurmLauncher
 
-        return SlurmLauncher()
+        return SlurmLauncher(agents=args.agents)  # agents: one step per node, with all its CPUs
     if args.agents and not args.local and args.wait_for is None:  # this machine: one agent of N processes
         from .launch import LocalLauncher
 

@@ -236,3 +236,47 @@ def test_cli_agents_flag(tmp_path) -> None:
     r = subprocess.run([sys.executable, "bin/qsae-master", "--local", "--agents"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
     assert r.returncode == 2 and "drop --agents" in r.stderr
+
+
+def test_slurm_starts_one_agent_per_node(tmp_path) -> None:
+    """SlurmLauncher(agents=True) in `salloc -n 4` on the private one-node cluster of 4 CPUs:
+    one srun step for the node holding its 4 CPUs, one agent of 4 compute processes; the
+    history equals two local plain workers' (the step exports this environment: one kernel)."""
+    import textwrap
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from slurm import SlurmCluster, require_slurm
+    from test_slurm import LEFTOVERS, last_json, salloc
+
+    require_slurm()
+    script = tmp_path / "agents.py"
+    script.write_text(LEFTOVERS + textwrap.dedent("""\
+        import json
+        from qsae import Master, SAEConfig, SlurmLauncher, init_params
+        from qsae.data import load_images
+
+        def children(pid):
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return len(f.read().split())
+
+        cfg, images = SAEConfig(), load_images()
+        opts = dict(config=cfg, block_rows=250, reducer_options={"rounds": 2})
+        launcher = SlurmLauncher(agents=True)
+        with Master(launcher=launcher, **opts) as master:
+            n = master.n_workers
+            master.scatter_images(images, m=3000, seed=0)
+            cores = [w.cores for w in master._workers.values()]
+            procs = [children(w.pid) for w in master._workers.values()]
+            slurm = master.fit(init_params(cfg), maxiter=10)
+        left, steps = leftovers(launcher.job_id, launcher.tag, "qsae.worker")
+        with Master(workers=2, **opts) as master:
+            master.scatter_images(images, m=3000, seed=0)
+            local = master.fit(init_params(cfg), maxiter=10)
+        print(json.dumps({"n": n, "cores": cores, "procs": procs, "slurm": [c for _, _, c in slurm.history],
+                          "local": [c for _, _, c in local.history], "left": left, "steps": steps}))
+    """))
+    with SlurmCluster() as cluster:
+        out = last_json(salloc(cluster, 4, [sys.executable, str(script)]))
+    assert out["n"] == 1 and out["cores"] == [4] and out["procs"] == [4]
+    np.testing.assert_allclose(out["slurm"], out["local"], rtol=1e-10)
+    assert out["left"] == [] and out["steps"] == []

@@ -53,6 +53,17 @@ def _cpus_per_node(value: str) -> int:
     return total
 
 
+def _cpus_list(value: str) -> list[int]:
+    """CPUs of each node, in node order, from ``SLURM_JOB_CPUS_PER_NODE`` (``"2(x3),4"``: 2, 2, 2, 4)."""
+    out: list[int] = []
+    for part in value.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            raise ValueError(value)
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
 # srun's words for an allocation that no longer exists (Slurm 20-24: "Invalid job id specified",
 # "Job/step already completing or completed", "Job has been cancelled"; exit 1 each)
 STALE_JOB_WORDS = ("invalid job id", "already completing or completed", "job has been cancelled")
@@ -99,8 +110,10 @@ class SlurmLauncher(ChildProcessLauncher):
 
     def __init__(self, python: str = sys.executable, *, n: int | None = None, bind: str | None = None,
                  srun: str = "srun", srun_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 args: Sequence[str] = WORKER_ARGS) -> None:
+                 args: Sequence[str] = WORKER_ARGS, agents: bool = False) -> None:
         super().__init__(python, env, args)
+        self.agents = bool(agents)
+        self._nodes: list[tuple[str, int]] | None = None  # agents: (node, CPUs), asked of scontrol when first needed
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.srun = shutil.which(srun) or ""
         if not self.job_id:
@@ -127,6 +140,9 @@ class SlurmLauncher(ChildProcessLauncher):
             raise ConfigError(f"SlurmLauncher(n={n!r}): expected 1 to {self.slots} (the workers allocation "
                               f"{self.job_id} can hold)")
         self._n = self.tasks if n is None else n
+        if self.agents:  # one step per node, an agent with one compute process per CPU of it
+            nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or "1"
+            self.slots = self._n = int(nodes) if nodes.isdigit() else 1
         self.bind = bind
         self.srun_args = tuple(srun_args)
         self.tag = f"qsae-{uuid.uuid4().hex[:8]}"  # step names: TAG.k
@@ -141,8 +157,36 @@ class SlurmLauncher(ChildProcessLauncher):
 
     def _command(self, message: dict[str, Any]) -> list[str]:
         k = message["name"].rpartition("#")[2]
-        return [self.srun, "--ntasks=1", "--nodes=1", "--exact", "--quiet", "--kill-on-bad-exit=1",
+        place = []
+        if self.agents:  # the node's step holds all its CPUs: one agent, one process per CPU
+            node, cpus = self._agent_nodes()[int(k) % len(self._agent_nodes())]
+            place = [f"--nodelist={node}", f"--cpus-per-task={cpus}"]
+        return [self.srun, "--ntasks=1", "--nodes=1", *place, "--exact", "--quiet", "--kill-on-bad-exit=1",
                 f"--job-name={self.tag}.{k}", *self.srun_args, self.python, *self.args]
+
+    def _message(self, connect: str, config: Any, k: int, name: str) -> dict[str, Any]:
+        message = super()._message(connect, config, k, name)
+        if self.agents:
+            _, cpus = self._agent_nodes()[k % len(self._agent_nodes())]
+            message["procs"] = max(1, cpus // message["threads"])
+        return message
+
+    def _agent_nodes(self) -> list[tuple[str, int]]:
+        """(node name, CPUs) of every node of the allocation: ``scontrol show hostnames`` and
+        ``SLURM_JOB_CPUS_PER_NODE``."""
+        if self._nodes is None:
+            nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+            try:
+                names = self._client(["scontrol", "show", "hostnames", nodelist]).stdout.split() if nodelist else []
+                cpus = _cpus_list(os.environ.get("SLURM_JOB_CPUS_PER_NODE", ""))
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                raise LaunchError(f"allocation {self.job_id}: cannot tell its nodes and their CPUs for agents ({e}); "
+                                  "start without agents (one step per task)") from e
+            if not names or len(cpus) != len(names):
+                raise LaunchError(f"allocation {self.job_id}: nodes {names} and CPUs per node {cpus} do not match; "
+                                  "start without agents (one step per task)")
+            self._nodes = list(zip(names, cpus))
+        return self._nodes
 
     def _client(self, argv: list[str], timeout: float = CLIENT_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
