@@ -144,6 +144,7 @@ class SparseAutoencoder:
         X = self._validate(X, n_features=None)
         cfg = self._config(X.shape[1])
         method, maxiter, seed = self._run_settings(cfg)
+        _check_lbfgs_size(cfg, method)
         theta0 = init_params(cfg, seed=seed)
         result = self._minimize(X, cfg, theta0, method, maxiter, seed)
         _warn_if_saturated(result.x, X, cfg)
@@ -417,3 +418,13 @@ def _sigma_of(data: dict, path: Any) -> float | None:
                     "need qsae.extract_patches(..., sigma=...) instead", path, e)
         return None
 
+
+def _check_lbfgs_size(cfg, method: str) -> None:
+    """scipy's L-BFGS indexes its workspace with 32-bit integers: past its limit it crashes the
+    process (signal 11) instead of raising, so a model that large is refused here, by name."""
+    from .train import lbfgs_limit
+
+    if method == "lbfgs" and cfg.n_params > lbfgs_limit():
+        raise ConfigError(f"n_hidden={cfg.n_hidden} on {cfg.n_visible} features makes {cfg.n_params:,} parameters; "
+                          f"scipy's L-BFGS takes at most {lbfgs_limit():,} (it would crash): give a smaller n_hidden, "
+                          "fewer features, or optimizer='cg'")

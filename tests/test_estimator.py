@@ -345,3 +345,16 @@ def test_a_hosts_file_trains_over_a_real_sshd(tmp_path, monkeypatch, patches):
         remote = SparseAutoencoder(n_hidden=12, max_iter=4, random_state=0, workers=str(hosts)).fit(patches)
     local = SparseAutoencoder(n_hidden=12, max_iter=4, random_state=0).fit(patches)
     np.testing.assert_allclose(remote.components_, local.components_, rtol=0, atol=1e-6)
+
+
+def test_a_model_too_large_for_lbfgs_is_refused_by_name():
+    """scipy's L-BFGS crashes the process (SIGSEGV) past ~86M parameters: fit refuses first,
+    naming n_hidden. Run in a child process, so that a crash fails this test, not the suite."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom qsae import SparseAutoencoder\n"
+            "SparseAutoencoder(n_hidden=700_000, max_iter=1).fit(np.full((3, 64), 0.5))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "ConfigError" in p.stderr and "n_hidden=700000" in p.stderr and "optimizer='cg'" in p.stderr
