@@ -231,12 +231,38 @@ def table_projection(images, cells: dict, agent: dict, check: bool) -> None:
                   f"{qjam.get((m, n), '')} | {base / fast:.1f}× |")
     if check:
         print("\n## 3b. The projection against evaluations measured here (100K patches, loopback: RTT 0)\n")
+        print("The three shapes run at once and take turns, 5 evaluations each, 6 turns (a shared machine's load")
+        print("changes by the minute); the median turn.\n")
         print("| processes | shape | measured s/eval | projected s/eval | ratio |")
         print("|---|---|---|---|---|")
-        for hosts, procs, shape in ((1, 1, "1 worker"), (1, 2, "1 agent × 2"), (2, 1, "2 workers")):
-            r = master_cell(images, hosts, procs, True, 10, m=100_000, block_rows=None)
+        shapes = [(1, 1, "1 worker"), (1, 2, "1 agent × 2"), (2, 1, "2 workers")]
+        for line in _interleaved(images, shapes, 100_000):
+            hosts, procs, shape, wall = line
             t, *_ = projected(100_000, hosts * procs, per_row, master_fit, agent_of, rtt=0.0)
-            print(f"| {hosts * procs} | {shape} | {r['wall']:.4f} | {t:.4f} | {r['wall'] / t:.2f} |", flush=True)
+            print(f"| {hosts * procs} | {shape} | {wall:.4f} | {t:.4f} | {wall / t:.2f} |", flush=True)
+
+
+def _interleaved(images, shapes, m: int, turns: int = 6, evals: int = 5) -> list[tuple]:
+    """Seconds per evaluation of each (hosts, procs, name), the masters taking turns."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        masters = []
+        for hosts, procs, _ in shapes:
+            master = stack.enter_context(Master(launcher=LocalLauncher(hosts, procs=procs), config=CFG))
+            master.scatter_images(images, m=m, seed=0)
+            masters.append(master)
+        theta = init_params(CFG)
+        walls: list[list[float]] = [[] for _ in shapes]
+        for _ in range(turns):
+            for master, out in zip(masters, walls):
+                for _ in range(2):  # its processes wake up again
+                    master(theta)
+                t0 = time.perf_counter()
+                for _ in range(evals):
+                    master(theta)
+                out.append((time.perf_counter() - t0) / evals)
+    return [(*shape, statistics.median(w)) for shape, w in zip(shapes, walls)]
 
 
 from qsae.reduce import TWO_ROUNDS_FROM as TWO  # noqa: E402  (rows from which the exact protocol takes two rounds)
