@@ -23,15 +23,17 @@ Reducers:
 * ``average`` — the report's ParallelAvgCostFunction: each shard uses its own firing
   rates p_j, and shard results are weighted by their sizes. An approximation.
 
-To add a reducer: write the worker side as a function in ``OPS`` (if the existing ones do
-not serve), subclass ``Reducer`` with a ``name`` and ``evaluate``, and add it to
+Each op is one record in ``OP_TABLE`` (``Op``: its worker side, result width, round and what
+a worker keeps); ``OPS`` and ``PER_BLOCK`` are views of it. To add a reducer: register its
+worker side as an ``Op`` (if the existing ones do not serve), subclass ``Reducer`` with a ``name`` and ``evaluate``, and add it to
 ``REDUCERS``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Generator
 
 import numpy as np
 
@@ -50,8 +52,12 @@ from .model import (
 
 __all__ = [
     "ShardState",
+    "Op",
+    "OP_TABLE",
     "OPS",
     "PER_BLOCK",
+    "result_width",
+    "max_result_width",
     "run_blocks",
     "Reducer",
     "ExactReducer",
@@ -110,14 +116,47 @@ def _op_average(st: ShardState, theta: np.ndarray) -> np.ndarray:
     return np.concatenate([[cost * st.m], grad * st.m])
 
 
-OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {
-    "sums": _op_sums,  # θ -> one-round Sums.vec
-    "forward": _op_forward,  # θ -> [Σ a2 | Σ (1 − a2)] (2h,); caches the hidden layer
-    "backward": _op_backward,  # s -> two-round Sums.vec (s folded in)
-    "average": _op_average,  # θ -> [m·J_shard, m·∇J_shard]
-}
-PER_BLOCK = {"sums", "forward", "backward"}  # exact: one result per block, added along the summation tree
-ONE_ROUND = {"sums", "average"}  # ops whose argument is θ itself
+@dataclass(frozen=True)
+class Op:
+    """Everything the master, the coordinator and the workers know of one worker operation.
+
+    A new op is one entry of ``OP_TABLE``: its worker side, the shape of its answer, which
+    round of an evaluation it is and what a worker keeps from it for the next round.
+    """
+
+    name: str
+    run: Callable[[ShardState, np.ndarray], np.ndarray]  # the worker side, on one block
+    per_block: bool  # one row per block, added along the summation tree; else one row per group
+    round: int  # which round of its evaluation: 1, or 2 (needs the first round's state)
+    keeps: str | None  # what a worker keeps for the next round: "activations" (and θ), or nothing
+    width_of: Callable[[SAEConfig], int]  # length of one result row
+
+    def width(self, config: SAEConfig) -> int:
+        """Length of one result row for ``config``'s model."""
+        return self.width_of(config)
+
+
+OP_TABLE: dict[str, Op] = {op.name: op for op in (
+    Op("sums", _op_sums, True, 1, None, lambda c: Sums.size(c, one_round=True)),  # θ -> one-round Sums.vec
+    # θ -> [Σ a2 | Σ (1 − a2)] (2h,); keeps the hidden layer for the backward round
+    Op("forward", _op_forward, True, 1, "activations", lambda c: 2 * c.n_hidden),
+    Op("backward", _op_backward, True, 2, None, lambda c: Sums.size(c, one_round=False)),  # s -> Sums.vec (s folded)
+    Op("average", _op_average, False, 1, None, lambda c: c.n_params + 1),  # θ -> [m·J_shard, m·∇J_shard]
+)}
+# views of the table for the code that needs one fact
+OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {k: op.run for k, op in OP_TABLE.items()}
+PER_BLOCK = {k for k, op in OP_TABLE.items() if op.per_block}  # exact: rows added along the summation tree
+ONE_ROUND = {k for k, op in OP_TABLE.items() if op.round == 1 and op.keeps is None}  # whose argument is θ itself
+
+
+def result_width(op: str, config: SAEConfig) -> int | None:
+    """Length of one result row of ``op`` (None: not an op this version knows)."""
+    return OP_TABLE[op].width(config) if op in OP_TABLE else None
+
+
+def max_result_width(config: SAEConfig) -> int:
+    """The longest result row of any op: what the master's inbound frame limit must admit."""
+    return max(op.width(config) for op in OP_TABLE.values())
 
 
 def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
@@ -152,8 +191,17 @@ def _average_group(theta: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
     return np.concatenate([[cost * m], grad * m])
 
 
+Steps = Generator["tuple[str, np.ndarray]", "list[tuple[int, np.ndarray]]", "tuple[float, np.ndarray]"]
+
+
 class Reducer(ABC):
-    """Turns the workers' replies into the exact or approximate (cost, grad)."""
+    """Turns the workers' replies into the exact or approximate (cost, grad).
+
+    ``steps`` is the protocol as a generator: it yields (op, arg) for every round and is sent
+    each round's replies; its return value is (cost, grad). Whoever drives it may stop it
+    between rounds (the master does when a worker is lost: it settles and starts again), so
+    nothing unwinds through it. ``evaluate`` drives it with a plain ``scatter`` function.
+    """
 
     name: str = ""
 
@@ -161,8 +209,19 @@ class Reducer(ABC):
         self.config = config
 
     @abstractmethod
+    def steps(self, theta: np.ndarray, m: int = 0) -> Steps:
+        """The rounds of one evaluation at θ; ``m``: rows of the data set."""
+
     def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
         """Cost and gradient at θ, computed through ``scatter``; ``m``: rows of the data set."""
+        gen = self.steps(theta, m)
+        replies = None
+        while True:
+            try:
+                op, arg = gen.send(replies)  # type: ignore[arg-type]
+            except StopIteration as done:
+                return done.value
+            replies = scatter(op, arg)
 
 
 class ExactReducer(Reducer):
@@ -183,16 +242,16 @@ class ExactReducer(Reducer):
             return self.rounds
         return 2 if m >= self.two_round_from else 1
 
-    def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
+    def steps(self, theta: np.ndarray, m: int = 0) -> Steps:
         """Cost and gradient at θ; ``m``: rows of the data set, which chooses the rounds."""
         cfg = self.config
         if self.rounds_for(m) == 1:
-            total = _add(scatter("sums", theta))
+            total = _add((yield "sums", theta))
             return finish_sums(theta, total, cfg, s_folded=False)
-        replies = scatter("forward", theta)
+        replies = yield "forward", theta
         m = sum(k for k, _ in replies)
         rates = sum(v for _, v in replies) / m  # [p | 1 − p]
-        total = _add(scatter("backward", sparsity_delta(rates, cfg)))
+        total = _add((yield "backward", sparsity_delta(rates, cfg)))
         return finish_sums(theta, total, cfg, s_folded=True)
 
 
@@ -201,8 +260,8 @@ class AverageReducer(Reducer):
 
     name = "average"
 
-    def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
-        replies = scatter("average", theta)
+    def steps(self, theta: np.ndarray, m: int = 0) -> Steps:
+        replies = yield "average", theta
         m = sum(k for k, _ in replies)
         v = sum(vec for _, vec in replies) / m
         return float(v[0]), v[1:]

@@ -43,15 +43,18 @@ class Round:
     sizes : rows of every block.
     evaluation : the evaluation this round is part of (its θ): a worker keeps a block's
         activations of the forward round only for the backward round of the same evaluation.
+    started : ``time.monotonic()`` at the start (default: now). Every method that reads the
+        clock takes ``now`` too, so a round can be replayed on made-up times.
     """
 
     def __init__(self, number: int, op: str, per_block: bool, assignment: dict[Hashable, list[int]],
-                 predicted: dict[Hashable, float | None], sizes: list[int], evaluation: int = 0) -> None:
+                 predicted: dict[Hashable, float | None], sizes: list[int], evaluation: int = 0,
+                 started: float | None = None) -> None:
         self.number, self.op, self.per_block, self.evaluation = number, op, per_block, evaluation
         self.assignment = {k: list(v) for k, v in assignment.items() if v}
         self.predicted = predicted
         self.sizes = sizes
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.pending: set[Hashable] = set(self.assignment)  # asked and not yet answered
         self.finished: dict[Hashable, float] = {}  # worker -> seconds after the start
         self.backed_up: set[Hashable] = set()  # stragglers whose blocks were sent to others
@@ -69,12 +72,13 @@ class Round:
             return len(self.covered) == len(self.units)
         return len(self.results) == len(self.units)
 
-    def accept(self, worker: Hashable, ids: list[int], rows: np.ndarray, nodes: list | None = None) -> bool:
+    def accept(self, worker: Hashable, ids: list[int], rows: np.ndarray, nodes: list | None = None,
+               now: float | None = None) -> bool:
         """A reply of ``worker`` covering ``ids``: per-block ops give one row per tree node
         (``nodes``, checked by the caller to be ``tree.cover(ids)``), "average" one row for its
         group. True if the worker had work pending in this round. A worker may answer in
         several replies; it is finished once they cover every block it was asked for."""
-        now = time.monotonic() - self.started
+        now = (time.monotonic() if now is None else now) - self.started
         if self.per_block:
             B = len(self.sizes)
             for node, row in zip(nodes or [], rows):
@@ -120,11 +124,11 @@ class Round:
             p = statistics.median(self.finished.values())  # as long as those that finished took
         return None if p is None else STRAGGLER_FACTOR * p + STRAGGLER_SLACK
 
-    def stragglers(self) -> list[Hashable]:
+    def stragglers(self, now: float | None = None) -> list[Hashable]:
         """Pending workers past their deadline, not backed up yet, while someone is free to help."""
         if not self.idle():
             return []
-        now = time.monotonic() - self.started
+        now = (time.monotonic() if now is None else now) - self.started
         late = []
         for k in self.pending - self.backed_up:
             d = self.deadline(k)
