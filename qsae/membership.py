@@ -44,6 +44,7 @@ class WorkerInfo:
     cores: int
     last_heard: float
     blas: str = ""  # library, version and kernel (HELLO): sums' bits depend on it
+    procs: int | list | None = None  # a host agent's compute processes (HELLO's optional field)
     last_sent: float = 0.0
     state: str = JOINING
     blocks: set = field(default_factory=set)  # block ids it holds
@@ -77,6 +78,7 @@ class Membership:
         self.gone: collections.OrderedDict[str, WorkerInfo] = collections.OrderedDict()
         self.on_event = on_event
         self.block_rows: Callable[[int], int] = lambda b: 0  # rows of block b, set by the master
+        self.kernels_warned = False  # the differing-BLAS warning is given once a run
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -91,14 +93,28 @@ class Membership:
     def joining(self) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.state == JOINING]
 
-    def join(self, ident: bytes, name: str, host: str, pid: int, cores: int, blas: str = "") -> WorkerInfo:
-        """A HELLO: a new member, or one lost earlier that came back."""
+    def join(self, ident: bytes, name: str, host: str, pid: int, cores: int, blas: str = "", *,
+             now: float | None = None, procs: int | list | None = None) -> WorkerInfo:
+        """A HELLO: a new member, or one lost earlier that came back (``procs``: an agent's
+        compute processes, a count or a list of small dicts, shown by ``status()``)."""
         back = self.gone.pop(name, None)
-        w = WorkerInfo(ident, name, host, pid, cores, time.monotonic(), blas=blas)
+        w = WorkerInfo(ident, name, host, pid, cores, time.monotonic() if now is None else now, blas=blas,
+                       procs=procs)
         self.workers[ident] = w
+        agent = f", {procs if isinstance(procs, int) else len(procs)} processes" if procs else ""
         self.event("return" if back is not None and back.state == LOST else "join",
-                   f"{name} (host {host}, pid {pid}, {cores} cores)")
+                   f"{name} (host {host}, pid {pid}, {cores} cores{agent})")
         return w
+
+    def check_kernels(self) -> None:
+        """Warn once a run when the workers' BLAS kernels differ: bits then depend on placement."""
+        kernels = collections.Counter(w.blas for w in self.workers.values())
+        if len(kernels) > 1 and not self.kernels_warned:
+            self.kernels_warned = True
+            log.warning("workers run different BLAS kernels (%s): a block's sums round differently on each, so "
+                        "the cost depends on which worker computes which block (to float precision, not bit for "
+                        "bit); give every host the same numpy/OpenBLAS build and OPENBLAS_CORETYPE for equal bits",
+                        "; ".join(f"{k or 'unknown'} on {n} workers" for k, n in kernels.items()))
 
     def activate(self, w: WorkerInfo) -> None:
         """It holds the data's source: it may be given blocks."""
@@ -115,13 +131,14 @@ class Membership:
         return w
 
     def status(self) -> list[dict]:
-        """One dict per worker: name, host, pid, state, rows, blocks, seconds, rows_per_s, blas."""
+        """One dict per worker (a host agent counts as one): name, host, pid, state, rows, blocks,
+        seconds, rows_per_s, blas, procs (an agent's processes; None for a plain worker)."""
         out = []
         for w in [*self.workers.values(), *self.gone.values()]:
             held = sorted(w.blocks) if w.state in (ACTIVE, JOINING) else []
             out.append({"name": w.name, "host": w.host, "pid": w.pid, "state": w.state,
                         "rows": sum(self.block_rows(b) for b in held), "blocks": len(held),
-                        "seconds": w.seconds, "rows_per_s": w.speed, "blas": w.blas})
+                        "seconds": w.seconds, "rows_per_s": w.speed, "blas": w.blas, "procs": w.procs})
         return out
 
     def event(self, kind: str, detail: str) -> None:

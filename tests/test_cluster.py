@@ -20,6 +20,7 @@ import pytest
 from qsae import Master, SAEConfig, init_params
 from qsae.data import load_images
 from qsae.errors import ConfigError
+from qsae.launch import WORKER_ARGS, LocalLauncher
 from qsae.model import cost_and_grad
 from tests.procs import alive, wait_gone
 
@@ -220,3 +221,34 @@ def test_the_bits_do_not_depend_on_the_worker_count(images, dtype, m):
     for t in (2, 3):
         np.testing.assert_array_equal(costs(runs[t]), costs(runs[1]))
         np.testing.assert_array_equal(runs[t].x, runs[1].x)
+
+
+class SlowLauncher(LocalLauncher):
+    """A LocalLauncher whose ``add`` waits ``delay`` s before it spawns (a slow SSH host, a busy
+    Slurm queue): the master must keep pinging its workers meanwhile."""
+
+    def __init__(self, n: int, delay: float, **kwargs) -> None:
+        super().__init__(n, **kwargs)
+        self.delay = delay
+
+    def _launch(self, ks, connect, config, initial) -> None:
+        if not initial:
+            time.sleep(self.delay)
+        super()._launch(ks, connect, config, initial)
+
+
+def test_a_slow_start_of_new_workers_does_not_silence_the_heartbeat(images):
+    # the worker quits after 2 s without a word from the master; the launcher takes 5 s to add one
+    launcher = SlowLauncher(1, delay=5.0, args=(*WORKER_ARGS, "--master-timeout", "2"))
+    with Master(config=CFG, launcher=launcher, block_rows=BLOCK, heartbeat=0.25) as master:
+        master.scatter_images(images, m=2000, seed=0)
+        theta = init_params(CFG)
+        before = master(theta)
+        (pid,) = [s["pid"] for s in master.status()]
+        master.add_workers(1)
+        assert alive(pid), "the first worker quit while the launcher started another"
+        assert [s["state"] for s in master.status() if s["pid"] == pid] == ["active"]
+        after = master(theta)  # both workers (or the first alone) answer
+        assert after[0] == before[0]
+        np.testing.assert_array_equal(after[1], before[1])
+        assert alive(pid)
