@@ -30,7 +30,7 @@ import numpy as np
 from . import tree
 from .compute import DROP as C_DROP
 from .compute import EVAL as C_EVAL
-from .compute import ERR, HOLD, Child, read, spawn, write
+from .compute import ERR, HOLD, Child, read, rows_of, spawn, write
 from .errors import ProtocolError, WorkerError
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
 from .reduce import OPS, PER_BLOCK
@@ -266,4 +266,4 @@ class Agent(Worker):
             part = nodes[lo:lo + MAX_RESULT_ROWS]
             sub = [b for node in part for b in range(*tree.span(node, B))]
             self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=sub, nodes=[tree.code(n) for n in part],
-                      rows=sum(self._bounds(b)[1] - self._bounds(b)[0] for b in sub), seconds=seconds)
+                      rows=rows_of(sub, self.source["m"], self.source["block_rows"]), seconds=seconds)

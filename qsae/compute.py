@@ -40,7 +40,7 @@ from .errors import ProtocolError
 from .protocol import ALLOWED_DTYPES
 from .reduce import OPS, PER_BLOCK, ShardState, run_blocks
 
-__all__ = ["HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR", "Child", "spawn", "write", "read", "Blocks"]
+__all__ = ["HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR", "Child", "spawn", "write", "read", "rows_of", "Blocks"]
 
 HOLD, DROP, EVAL, READY, ROWS, ERR = "HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR"
 _LEN = struct.Struct("<Q")  # every frame is preceded by its length
@@ -49,18 +49,18 @@ _COUNT = struct.Struct("<I")  # every message by its number of frames
 
 # ---------------------------------------------------------------------- framing over the pipe
 def write(sock: socket.socket, type: str, arrays: Sequence[np.ndarray] = (), **fields: Any) -> None:
-    """Send one message: the frame count, then each frame (msgpack header, raw arrays) with its length."""
+    """Send one message: the frame count and every frame's length, then the frames (a msgpack
+    header, raw arrays), so that the reader needs three reads, not two per frame."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     head = msgpack.packb({"t": type, "a": [[a.dtype.str, list(a.shape)] for a in arrays], **fields},
                          use_bin_type=True)
-    parts = [_COUNT.pack(1 + len(arrays)), _LEN.pack(len(head)), head]
-    for a in arrays:
-        parts += [_LEN.pack(a.nbytes), memoryview(a).cast("B")]
-    if sum(len(p) for p in parts) < 1 << 16:
-        sock.sendall(b"".join(parts))  # one system call for a round's small messages
+    frames = [head, *(memoryview(a).cast("B") for a in arrays)]
+    prefix = _COUNT.pack(len(frames)) + b"".join(_LEN.pack(len(f)) for f in frames)
+    if sum(len(f) for f in frames) < 1 << 16:
+        sock.sendall(b"".join([prefix, *frames]))  # one system call for a round's small messages
     else:
-        for p in parts:  # large rows: no joined copy
-            sock.sendall(p)
+        for part in (prefix, *frames):  # large rows: no joined copy
+            sock.sendall(part)
 
 
 def read(sock: socket.socket) -> tuple[dict, list[np.ndarray]] | None:
@@ -68,13 +68,18 @@ def read(sock: socket.socket) -> tuple[dict, list[np.ndarray]] | None:
     count = _recv_exact(sock, _COUNT.size)
     if count is None:
         return None
-    frames = []
-    for _ in range(_COUNT.unpack(count)[0]):
-        n = _recv_exact(sock, _LEN.size)
-        frame = _recv_exact(sock, _LEN.unpack(n)[0]) if n is not None else None
-        if frame is None:
-            return None
-        frames.append(frame)
+    n = _COUNT.unpack(count)[0]
+    lengths = _recv_exact(sock, _LEN.size * n)
+    if lengths is None:
+        return None
+    sizes = [_LEN.unpack_from(lengths, _LEN.size * i)[0] for i in range(n)]
+    body = _recv_exact(sock, sum(sizes))
+    if body is None:
+        return None
+    view, frames, at = memoryview(body), [], 0
+    for size in sizes:
+        frames.append(view[at:at + size])
+        at += size
     head = msgpack.unpackb(frames[0], raw=False)
     arrays = []
     for (dt, shape), buf in zip(head.pop("a"), frames[1:]):
@@ -94,6 +99,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
             return None
         got += k
     return buf
+
+
+def rows_of(ids: Sequence[int], m: int, block_rows: int) -> int:
+    """Rows in blocks ``ids`` of a data set of ``m`` rows: every block is full but the last."""
+    last = -(-m // block_rows) - 1
+    return len(ids) * block_rows - (last + 1) * block_rows + m if last in ids else len(ids) * block_rows
 
 
 # ---------------------------------------------------------------------- the blocks a process holds
@@ -272,9 +283,8 @@ def _serve(sock: socket.socket, source: dict) -> int:
             elif t == EVAL:
                 theta = arrays[1] if len(arrays) > 1 else None
                 nodes, out = blocks.evaluate(head["op"], head["ids"], head["evaluation"], arrays[0], theta)
-                write(sock, ROWS, [out], nodes=nodes, rows=sum(blocks.bounds(b)[1] - blocks.bounds(b)[0]
-                                                                for b in head["ids"]),
-                      seconds=time.perf_counter() - t0)
+                write(sock, ROWS, [out], nodes=nodes, seconds=time.perf_counter() - t0,
+                      rows=rows_of(head["ids"], blocks.source["m"], blocks.source["block_rows"]))
             else:
                 raise ProtocolError(f"a compute process does not take {t} messages")
         except Exception as e:  # reported to the agent, which reports it to the master; the process goes on
