@@ -224,6 +224,8 @@ class Agent(Worker):
     # -- rounds
     def _assign(self, ids: list[int]) -> dict[int, list[int]]:
         """slot -> the blocks it computes: its own, and a straggler's (not held here) in contiguous runs."""
+        if len(ids) == len(self.owner) and self.owner.keys() >= set(ids):  # every round but backups: set ops in C
+            return {c.slot: sorted(c.blocks) for c in self.children if c.blocks}
         out: dict[int, list[int]] = {}
         extra = []
         for b in ids:
