@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, tree
-from .errors import NumericalError, ProtocolError, WorkerError
+from . import __version__
+from .errors import WorkerError
 from .layout import Layout, Send
 from .membership import JOINING, LEAVING, LOST, Membership, WorkerInfo
 from .protocol import BYE, ERROR, EVAL, HELLO, PING, PONG, READY, RESULT
@@ -178,7 +178,10 @@ class Coordinator:
             wait.error = WorkerError(f"worker {w.name} on {msg['host']} failed: {msg['etype']}: {msg['message']}\n"
                                      f"{msg['traceback']}")
         elif isinstance(wait, RoundWait) and msg.type == RESULT and msg.round == wait.round:
-            self._take_result(w, msg, wait.rnd, now)
+            refused = wait.take(w, msg, len(self.layout.sizes), now)
+            if refused:  # another model or version, or rows of nodes its blocks do not make
+                log.error("worker %s: %s; it is dropped", w.name, refused)
+                self.drop(w.ident, LOST, refused)
         elif isinstance(wait, Collect) and msg.type == wait.want and msg.round == wait.round:
             wait.got.add(w.ident)
         else:  # a straggler's answer after its backups won, or of an abandoned round
@@ -282,35 +285,6 @@ class Coordinator:
             return None
         assert isinstance(wait, RoundWait)
         return wait.rnd.replies()
-
-    def _take_result(self, w: WorkerInfo, msg, rnd: Round, now: float) -> None:
-        """Check a RESULT (shape, finiteness, tree nodes), note the worker's compute time, give it to the round."""
-        ids, out = msg["ids"], msg.arrays[0]
-        width = self.wait.width if isinstance(self.wait, RoundWait) else None
-        rows_expected = len(msg["nodes"]) if rnd.per_block else 1
-        if width is not None and out.shape != (rows_expected, width):
-            log.error("worker %s returned results of shape %s, this run's model needs %s: another model or qsae "
-                      "version; it is dropped", w.name, out.shape, (rows_expected, width))
-            self.drop(w.ident, LOST, f"results of shape {out.shape}, expected {(rows_expected, width)}")
-            return
-        if not math.isfinite(out.sum()):  # any NaN or Inf makes the sum so; one pass, no temporary
-            self.wait.error = NumericalError(
-                f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round {rnd.number} ({rnd.op}); "
-                "the run stops here with the last good θ saved")
-            return
-        nodes = None
-        B = len(self.layout.sizes)
-        if rnd.per_block:  # rows of the summation tree's nodes: exactly the ones its blocks make
-            try:
-                nodes = [tree.decode(c, B) for c in msg["nodes"]]
-                tree.check_cover(nodes, ids, B)
-            except ProtocolError as e:
-                log.error("worker %s: %s; it is dropped", w.name, e)
-                self.drop(w.ident, LOST, str(e))
-                return
-        if len(ids) == len(w.blocks) and w.blocks.issuperset(ids):  # its own blocks, not a backup: its time
-            w.eval_rows, w.eval_seconds = msg["rows"], w.eval_seconds + msg["seconds"]
-        rnd.accept(w.ident, ids, out, nodes, now=now)
 
     def _back_up(self, straggler: bytes, now: float) -> list[Send]:
         """Ask the idle workers to compute a straggler's blocks too (they cut them from the images)."""

@@ -6,10 +6,14 @@ coordinator recovers and the procedure runs again) or failed with a worker's err
 
 from __future__ import annotations
 
+import math
 from typing import Hashable
 
 import numpy as np
 
+from . import tree
+from .errors import NumericalError, ProtocolError
+from .membership import WorkerInfo
 from .protocol import RESULT
 from .rounds import Round
 
@@ -81,3 +85,29 @@ class RoundWait(Wait):
                 if d is not None:
                     wait = min(wait, max(0.001, d - elapsed))
         return wait
+
+    def take(self, w: WorkerInfo, msg, n_blocks: int, now: float) -> str | None:
+        """Check a RESULT of this round (shape, finiteness, tree nodes), note the worker's
+        compute time and give it to the round. Returns why it is refused (the worker is then
+        dropped), or None; NaN or Inf fails the wait with ``NumericalError``."""
+        rnd, ids, out = self.rnd, msg["ids"], msg.arrays[0]
+        rows_expected = len(msg["nodes"]) if rnd.per_block else 1
+        if self.width is not None and out.shape != (rows_expected, self.width):
+            return (f"results of shape {out.shape}, this run's model needs {(rows_expected, self.width)}: another "
+                    "model or qsae version")
+        if not math.isfinite(out.sum()):  # any NaN or Inf makes the sum so; one pass, no temporary
+            self.error = NumericalError(
+                f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round {rnd.number} ({rnd.op}); "
+                "the run stops here with the last good θ saved")
+            return None
+        nodes = None
+        if rnd.per_block:  # rows of the summation tree's nodes: exactly the ones its blocks make
+            try:
+                nodes = [tree.decode(c, n_blocks) for c in msg["nodes"]]
+                tree.check_cover(nodes, ids, n_blocks)
+            except ProtocolError as e:
+                return str(e)
+        if len(ids) == len(w.blocks) and w.blocks.issuperset(ids):  # its own blocks, not a backup: its time
+            w.eval_rows, w.eval_seconds = msg["rows"], w.eval_seconds + msg["seconds"]
+        rnd.accept(w.ident, ids, out, nodes, now=now)
+        return None

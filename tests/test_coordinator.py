@@ -191,3 +191,18 @@ def test_pings_hello_fields_and_strangers():
     assert err.type == ERROR and "never said HELLO" in err.fields["message"]
     k.feed(b"h", hello("host-agent", procs=4))
     assert {s["name"]: s["procs"] for s in k.c.members.status()} == {"a": None, "host-agent": 4}
+
+
+def test_a_result_of_another_model_drops_its_worker_and_the_round_runs_again():
+    k = Cluster()
+    k.settle()
+    sends = k.c.begin_round("sums", np.ones(CFG.n_params), k.now)
+    r = sends[0].round
+    (a, ida), (b, idb) = k.held().items()
+    nodes = tree.cover(idb, B)
+    k.result(b, r, idb, value=np.zeros((len(nodes), k.width + 1)))  # one column too many
+    assert b not in k.c.workers and k.c.waiting
+    k.result(a, r, ida)
+    assert k.c.tick(k.now) == [] and k.c.end_round() is None  # b's blocks are not covered: lost
+    k.settle()
+    assert k.held() == {a: list(range(B))}
