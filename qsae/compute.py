@@ -1,4 +1,6 @@
-"""A host agent's compute processes: forked after the SOURCE arrived, one per core.
+"""The compute core (``Blocks``: the blocks a process holds and the rounds it computes on
+them, for a plain worker and for each of an agent's processes) and a host agent's compute
+processes: forked after the SOURCE arrived, one per core.
 
 The agent (``qsae.agent``) forks each compute process once the source is in its memory, so
 the images are shared copy-on-write (numpy never writes into them: the pages stay shared
@@ -109,7 +111,8 @@ def rows_of(ids: Sequence[int], m: int, block_rows: int) -> int:
 
 # ---------------------------------------------------------------------- the blocks a process holds
 class Blocks:
-    """The blocks one compute process holds and the rounds it computes on them.
+    """The blocks one process holds (a worker, or an agent's compute process) and the rounds
+    it computes on them.
 
     Parameters
     ----------
@@ -164,8 +167,9 @@ class Blocks:
             self.held.pop(b, None)
 
     def states(self, op: str, ids: list[int], evaluation: int, theta: np.ndarray | None) -> list[ShardState]:
-        """The blocks to compute, as ``qsae.worker.Worker._states``: held ones, or a straggler's cut now;
-        for a backward round, activations of this evaluation's θ only (computed again otherwise)."""
+        """The blocks to compute: held ones, or a straggler's cut now (kept for this evaluation);
+        for a backward round, activations of this evaluation's θ only — computed again otherwise
+        (its forward round ran elsewhere, as a backup, or they are a backup's of an earlier θ)."""
         if evaluation != self.evaluation:  # a new θ: the backup blocks cut for the last one go
             self.extra = {b: st for b, st in self.extra.items() if b in ids}
             self.evaluation = evaluation

@@ -39,13 +39,12 @@ ERROR_LOG_SECONDS = 10.0  # the master's ERROR replies: a warning this often at 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, PER_BLOCK, ShardState, run_blocks, sample_patches, tree
+    global np, __version__, ProtocolError, SAEConfig, OPS, PER_BLOCK, Blocks, rows_of, tree
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
     global SOURCE, STOP, MAX_RESULT_ROWS
     import numpy as np
 
     from . import __version__
-    from .data import sample_patches
     from .errors import ProtocolError
     from .model import SAEConfig
     from .protocol import (
@@ -53,7 +52,8 @@ def _load_numerics() -> None:
         STOP, decode, encode, send,
     )
     from . import tree
-    from .reduce import OPS, PER_BLOCK, ShardState, run_blocks
+    from .compute import Blocks, rows_of
+    from .reduce import OPS, PER_BLOCK
     from .model import set_kernel
 
     set_kernel()  # numba's import and compile (1-2 s) before HELLO, not inside the first round
@@ -135,9 +135,7 @@ class Worker:
         self._poller = zmq.Poller()  # one for the run: Socket.poll builds one per call
         self._poller.register(self.sock, zmq.POLLIN)
         self.source: dict | None = None  # the SOURCE message: config, kind, images, dtype, ...
-        self.blocks: dict = {}  # block id -> reduce.ShardState, the blocks this worker holds
-        self._extra: dict = {}  # blocks cut for a straggler's backup (not held), kept for one evaluation
-        self._evaluation = -1  # the evaluation of the last EVAL (master's number; each θ has its own)
+        self.store: "Blocks | None" = None  # the blocks held and a straggler's cut for a backup (qsae.compute)
         self._theta, self._theta_of = None, -1  # θ of the last forward round and its evaluation
         self._last_hello = 0.0
         self._last_error_log, self._errors = -float("inf"), 0  # the master's ERRORs: logged at most every 10 s
@@ -310,7 +308,7 @@ class Worker:
     # -- data: the source once, then blocks of it
     def _on_source(self, msg) -> None:
         """Where the run's rows come from; forget every block held (a new data set)."""
-        self.source, self.blocks, self._extra = None, {}, {}
+        self.source, self.store = None, None
         if msg["dtype"] not in ("float32", "float64"):
             raise ValueError(f"dtype {msg['dtype']!r}: a run computes in float32 or float64")
         if msg["kind"] not in ("images", "array"):
@@ -326,6 +324,7 @@ class Worker:
             if not images:
                 raise ValueError("an images source carries at least one image")
         self.source = dict(msg.fields, config=config, images=images, dtype=np.dtype(msg["dtype"]))
+        self.store = Blocks(self.source)
         self.send(READY, msg.round, ids=[], seconds=0.0)
 
     def _bounds(self, b: int) -> tuple[int, int]:
@@ -336,14 +335,6 @@ class Worker:
                              f"{src['block_rows']}")
         return lo, min(lo + src["block_rows"], src["m"])
 
-    def _cut(self, b: int) -> "ShardState":
-        """Block b cut from the images held (patch i is a pure function of the images, seed and i)."""
-        src = self.source
-        lo, hi = self._bounds(b)
-        X = sample_patches(src["images"], src["m"], patch_size=src["patch_size"], seed=src["seed"], lo=lo, hi=hi,
-                           sigma=src["sigma"])
-        return ShardState(X.astype(src["dtype"], copy=False), src["config"])
-
     def _on_blocks(self, msg) -> None:
         if self.source is None:
             raise ValueError("BLOCKS before SOURCE: the worker does not know the data set yet")
@@ -353,11 +344,10 @@ class Worker:
             if msg.arrays:
                 raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
             self._check_memory(ids)
-            new = self._prepare(lambda: {b: self._extra.pop(b, None) or self._cut(b) for b in ids})
+            self._prepare(lambda: self.store.hold(ids, []))
         else:
             if len(msg.arrays) != len(ids):
                 raise ValueError(f"BLOCKS names {len(ids)} blocks but carries {len(msg.arrays)} arrays of rows")
-            new = {}
             for b, X in zip(ids, msg.arrays):
                 lo, hi = self._bounds(b)
                 if X.dtype != src["dtype"]:
@@ -365,12 +355,12 @@ class Worker:
                                      "the master must send the run's dtype")
                 if X.shape != (hi - lo, src["config"].n_visible):
                     raise ValueError(f"block {b} has shape {X.shape}; expected {(hi - lo, src['config'].n_visible)}")
-                new[b] = ShardState(np.array(X), src["config"])  # a copy: the frame is zmq's buffer
-        self.blocks.update(new)
-        log.info("holds %d blocks (%d rows): +%s", len(self.blocks), sum(st.m for st in self.blocks.values()),
+            self.store.hold(ids, msg.arrays)  # copies: the frames are zmq's buffers
+        held = self.store.held
+        log.info("holds %d blocks (%d rows): +%s", len(held), sum(st.m for st in held.values()),
                  _span(ids))
         _release_freed_memory()  # the cutting's temporaries
-        self.send(READY, msg.round, ids=sorted(self.blocks), seconds=time.perf_counter() - t0)
+        self.send(READY, msg.round, ids=sorted(self.store.held), seconds=time.perf_counter() - t0)
 
     def _prepare(self, fn):
         """Cut rows in a thread while PINGs go out: millions of rows take longer than the master's
@@ -391,8 +381,9 @@ class Worker:
         except (ValueError, OSError, AttributeError):
             return
         cfg = src["config"]
-        rows = sum(st.m for st in self.blocks.values()) + sum(
-            hi - lo for lo, hi in (self._bounds(b) for b in ids if b not in self.blocks))
+        held = self.store.held
+        rows = sum(st.m for st in held.values()) + sum(
+            hi - lo for lo, hi in (self._bounds(b) for b in ids if b not in held))
         need = rows * (cfg.n_visible + cfg.n_hidden + 1) * src["dtype"].itemsize
         if need > total:
             raise ConfigError(f"{rows:,} rows of {cfg.n_visible} values in {src['dtype']} need about "
@@ -400,68 +391,41 @@ class Worker:
                               "memory: give fewer --patches or spread them over more hosts")
 
     def _on_drop(self, msg) -> None:
-        for b in msg["ids"]:
-            self.blocks.pop(b, None)
+        if self.store is not None:
+            self.store.drop(msg["ids"])
         _release_freed_memory()  # the dropped rows
-        log.info("holds %d blocks: -%s", len(self.blocks), _span(msg["ids"]))
+        log.info("holds %d blocks: -%s", len(self.store.held) if self.store else 0, _span(msg["ids"]))
 
     # -- rounds
-    def _states(self, op: str, ids: list, evaluation: int) -> list:
-        """The blocks to compute: held ones, or (a straggler's, images only) cut now.
-
-        A backward round uses a block's activations only if they are of this evaluation's θ
-        (tagged by the forward round); otherwise — its forward round was computed elsewhere, by
-        a backup, or these are a backup's of an earlier θ — they are computed again first.
-        """
-        if self.source is None:
-            raise RuntimeError("EVAL before the data arrived: the worker holds no data")
-        if evaluation != self._evaluation:  # a new θ: the backup blocks cut for the last one go
-            self._extra = {b: st for b, st in self._extra.items() if b in ids}
-            self._evaluation = evaluation
-        out = []
-        for b in ids:
-            st = self.blocks.get(b) or self._extra.get(b)
-            if st is None:
-                if self.source["kind"] != "images":
-                    raise ValueError(f"block {b} is not held here and an array source cannot be cut again")
-                st = self._extra[b] = self._cut(b)
-            if op == "backward" and (st.A is None or st.evaluation != evaluation):
-                if self._theta_of != evaluation:
-                    raise ProtocolError(f"backward round of evaluation {evaluation}, but this worker's last forward "
-                                        f"round was of evaluation {self._theta_of}: it holds no θ for it")
-                OPS["forward"](st, self._theta)  # never an older θ's activations
-                st.evaluation = evaluation
-            out.append(st)
-        return out
-
     def _on_eval(self, msg) -> None:
-        op, arg = msg["op"], msg.arrays[0]
+        """Compute the blocks an EVAL names (``qsae.compute.Blocks.evaluate``: held ones, or a
+        straggler's cut now; a backward round uses activations of this evaluation's θ only) and
+        answer with a row per tree node they make (several RESULTs past ``MAX_RESULT_ROWS``)."""
+        op, arg, ids, evaluation = msg["op"], msg.arrays[0], msg["ids"], msg["evaluation"]
         if op not in OPS:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
-        evaluation = msg["evaluation"]
-        states = self._states(op, msg["ids"], evaluation)
+        if self.source is None:
+            raise RuntimeError("EVAL before the data arrived: the worker holds no data")
         if op == "forward":
             self._theta, self._theta_of = np.array(arg), evaluation
-            for st in states:  # tagged before computing: a failed forward leaves A None (never a stale one)
-                st.evaluation, st.A = evaluation, None
+        theta = self._theta if self._theta_of == evaluation else None  # backward: never an older θ's
+        src = self.source
+        rows = rows_of(ids, src["m"], src["block_rows"])
         t0 = time.perf_counter()
-        cfg = states[0].config
-        if sum(st.m for st in states) * cfg.n_visible * cfg.n_hidden <= INLINE_WORK:
-            out = run_blocks(op, arg, states)
+        if rows * src["config"].n_visible * src["config"].n_hidden <= INLINE_WORK:
+            codes, out = self.store.evaluate(op, ids, evaluation, arg, theta)
         else:
-            out = self._in_thread(run_blocks, op, arg, states)
+            codes, out = self._in_thread(self.store.evaluate, op, ids, evaluation, arg, theta)
         seconds = time.perf_counter() - t0
         if op not in PER_BLOCK:  # "average": one row for the group
-            self.send(RESULT, msg.round, [out], ids=msg["ids"], nodes=[], rows=sum(st.m for st in states),
-                      seconds=seconds)
+            self.send(RESULT, msg.round, [out], ids=ids, nodes=[], rows=rows, seconds=seconds)
             return
-        B, rows = -(-self.source["m"] // self.source["block_rows"]), dict(zip(msg["ids"], (st.m for st in states)))
-        nodes, out = tree.fold(msg["ids"], out, B)  # a row per tree node, not per block (added along the tree)
-        for lo in range(0, len(nodes), MAX_RESULT_ROWS):
-            part = nodes[lo:lo + MAX_RESULT_ROWS]
-            ids = [b for node in part for b in range(*tree.span(node, B))]
-            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=ids, nodes=[tree.code(n) for n in part],
-                      rows=sum(rows[b] for b in ids), seconds=seconds)
+        B = self.store.n_blocks
+        for lo in range(0, len(codes), MAX_RESULT_ROWS):
+            part = codes[lo:lo + MAX_RESULT_ROWS]
+            sub = [b for c in part for b in range(*tree.span(tree.decode(c, B), B))]
+            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=sub, nodes=part,
+                      rows=rows_of(sub, src["m"], src["block_rows"]), seconds=seconds)
 
     def _in_thread(self, fn, *args):
         """Run fn(*args) in a thread, sending PINGs (busy) while it runs."""
