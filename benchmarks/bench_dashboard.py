@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="a line per phase")
     p.add_argument("--patches", type=int, default=20_000, help="patches m (20000: ~5 ms an evaluation on 2 workers)")
     args = p.parse_args(argv)
+    from qsae.bench import machine
+
+    print(f"# {machine()}")
     rows = []
     for client in (("browser", "http") if args.client == "both" else (args.client,)):
         rates, cpu = measure(client, args.pairs, args.seconds, args.patches, args.verbose)
