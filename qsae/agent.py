@@ -31,6 +31,7 @@ from . import tree
 from .compute import DROP as C_DROP
 from .compute import EVAL as C_EVAL
 from .compute import ERR, HOLD, Child, read, rows_of, spawn, write
+from .compute import bounds as block_bounds
 from .errors import ProtocolError, WorkerError
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
 from .reduce import OPS, PER_BLOCK
@@ -189,7 +190,7 @@ class Agent(Worker):
             if len(msg.arrays) != len(msg["ids"]):
                 raise ValueError(f"BLOCKS names {len(msg['ids'])} blocks but carries {len(msg.arrays)} arrays")
             for b, X in zip(msg["ids"], msg.arrays):
-                lo, hi = self._bounds(b)
+                lo, hi = block_bounds(self.source, b)
                 if X.shape != (hi - lo, src["config"].n_visible) or X.dtype != src["dtype"]:
                     raise ValueError(f"block {b} came as {X.dtype}{X.shape}; expected {src['dtype']}"
                                      f"{(hi - lo, src['config'].n_visible)}")

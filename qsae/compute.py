@@ -133,12 +133,7 @@ class Blocks:
 
     def bounds(self, b: int) -> tuple[int, int]:
         """(lo, hi): the rows of block ``b``."""
-        src = self.source
-        lo = b * src["block_rows"]
-        if not 0 <= lo < src["m"]:
-            raise ValueError(f"block {b} does not exist: the data set has {src['m']} rows in blocks of "
-                             f"{src['block_rows']}")
-        return lo, min(lo + src["block_rows"], src["m"])
+        return bounds(self.source, b)
 
     def cut(self, b: int) -> ShardState:
         """Block ``b`` cut from the images (patch i is a pure function of the images, seed and i)."""
@@ -294,3 +289,12 @@ def _serve(sock: socket.socket, source: dict) -> int:
         except Exception as e:  # reported to the agent, which reports it to the master; the process goes on
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-8000:]
             write(sock, ERR, etype=type(e).__name__, message=str(e)[:2000], traceback=tb)
+
+
+def bounds(source: dict, b: int) -> tuple[int, int]:
+    """(lo, hi): the rows of block ``b`` of a SOURCE's data set (m rows in blocks of block_rows)."""
+    lo = b * source["block_rows"]
+    if not 0 <= lo < source["m"]:
+        raise ValueError(f"block {b} does not exist: the data set has {source['m']} rows in blocks of "
+                         f"{source['block_rows']}")
+    return lo, min(lo + source["block_rows"], source["m"])

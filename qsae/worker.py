@@ -39,7 +39,7 @@ ERROR_LOG_SECONDS = 10.0  # the master's ERROR replies: a warning this often at 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, PER_BLOCK, Blocks, rows_of, tree
+    global np, __version__, ProtocolError, SAEConfig, OPS, PER_BLOCK, Blocks, block_bounds, rows_of, tree
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
     global SOURCE, STOP, MAX_RESULT_ROWS
     import numpy as np
@@ -53,6 +53,7 @@ def _load_numerics() -> None:
     )
     from . import tree
     from .compute import Blocks, rows_of
+    from .compute import bounds as block_bounds
     from .reduce import OPS, PER_BLOCK
     from .model import set_kernel
 
@@ -327,14 +328,6 @@ class Worker:
         self.store = Blocks(self.source)
         self.send(READY, msg.round, ids=[], seconds=0.0)
 
-    def _bounds(self, b: int) -> tuple[int, int]:
-        src = self.source
-        lo = b * src["block_rows"]
-        if not 0 <= lo < src["m"]:
-            raise ValueError(f"block {b} does not exist: the data set has {src['m']} rows in blocks of "
-                             f"{src['block_rows']}")
-        return lo, min(lo + src["block_rows"], src["m"])
-
     def _on_blocks(self, msg) -> None:
         if self.source is None:
             raise ValueError("BLOCKS before SOURCE: the worker does not know the data set yet")
@@ -349,7 +342,7 @@ class Worker:
             if len(msg.arrays) != len(ids):
                 raise ValueError(f"BLOCKS names {len(ids)} blocks but carries {len(msg.arrays)} arrays of rows")
             for b, X in zip(ids, msg.arrays):
-                lo, hi = self._bounds(b)
+                lo, hi = block_bounds(self.source, b)
                 if X.dtype != src["dtype"]:
                     raise ValueError(f"block {b} came as {X.dtype}, but this run computes in {src['dtype']}: "
                                      "the master must send the run's dtype")
@@ -383,7 +376,7 @@ class Worker:
         cfg = src["config"]
         held = self.store.held
         rows = sum(st.m for st in held.values()) + sum(
-            hi - lo for lo, hi in (self._bounds(b) for b in ids if b not in held))
+            hi - lo for lo, hi in (block_bounds(self.source, b) for b in ids if b not in held))
         need = rows * (cfg.n_visible + cfg.n_hidden + 1) * src["dtype"].itemsize
         if need > total:
             raise ConfigError(f"{rows:,} rows of {cfg.n_visible} values in {src['dtype']} need about "
