@@ -34,7 +34,7 @@ from .compute import ERR, HOLD, Child, read, rows_of, spawn, write
 from .compute import bounds as block_bounds
 from .errors import ProtocolError, WorkerError
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
-from .reduce import OPS, PER_BLOCK
+from .reduce import PER_BLOCK
 from .worker import Worker, _release_freed_memory, _span
 
 __all__ = ["Agent", "split"]
@@ -241,14 +241,8 @@ class Agent(Worker):
         return out
 
     def _on_eval(self, msg) -> None:
-        op, arg, evaluation, ids = msg["op"], msg.arrays[0], msg["evaluation"], msg["ids"]
-        if op not in OPS:
-            raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
-        if self.source is None:
-            raise RuntimeError("EVAL before the data arrived: the worker holds no data")
-        if op == "forward":
-            self._theta, self._theta_of = np.array(arg), evaluation
-        elif op == "backward" and self._theta_of != evaluation:
+        op, arg, ids, evaluation = self._begin_eval(msg)
+        if op == "backward" and self._theta_of != evaluation:
             raise ProtocolError(f"backward round of evaluation {evaluation}, but this agent's last forward round was "
                                 f"of evaluation {self._theta_of}: it holds no θ for it")
         arrays = [arg, self._theta] if op == "backward" else [arg]

@@ -390,10 +390,9 @@ class Worker:
         log.info("holds %d blocks: -%s", len(self.store.held) if self.store else 0, _span(msg["ids"]))
 
     # -- rounds
-    def _on_eval(self, msg) -> None:
-        """Compute the blocks an EVAL names (``qsae.compute.Blocks.evaluate``: held ones, or a
-        straggler's cut now; a backward round uses activations of this evaluation's θ only) and
-        answer with a row per tree node they make (several RESULTs past ``MAX_RESULT_ROWS``)."""
+    def _begin_eval(self, msg) -> tuple:
+        """(op, arg, ids, evaluation) of an EVAL, checked; a forward round's θ kept, tagged with its
+        evaluation (workers and agents alike)."""
         op, arg, ids, evaluation = msg["op"], msg.arrays[0], msg["ids"], msg["evaluation"]
         if op not in OPS:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
@@ -401,6 +400,13 @@ class Worker:
             raise RuntimeError("EVAL before the data arrived: the worker holds no data")
         if op == "forward":
             self._theta, self._theta_of = np.array(arg), evaluation
+        return op, arg, ids, evaluation
+
+    def _on_eval(self, msg) -> None:
+        """Compute the blocks an EVAL names (``qsae.compute.Blocks.evaluate``: held ones, or a
+        straggler's cut now; a backward round uses activations of this evaluation's θ only) and
+        answer with a row per tree node they make (several RESULTs past ``MAX_RESULT_ROWS``)."""
+        op, arg, ids, evaluation = self._begin_eval(msg)
         theta = self._theta if self._theta_of == evaluation else None  # backward: never an older θ's
         src = self.source
         rows = rows_of(ids, src["m"], src["block_rows"])
