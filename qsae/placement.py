@@ -179,8 +179,14 @@ def plan(workers: Sequence[WorkerView], sizes: Sequence[int], *, move_seconds: f
         owner[b] = k
 
     # 2. balance: the slowest worker gives one block at a time while that shortens the round,
-    #    an end of one of its ranges, the one that leaves both sides the fewest tree nodes
+    #    an end of one of its ranges, the one that leaves both sides the fewest tree nodes.
+    #    No round is shorter than a perfectly balanced one (``fair``): where even that would
+    #    not clear the hysteresis, no rebalance can, and the search is skipped (the master
+    #    asks every few evaluations; a balanced cluster's answer then costs microseconds)
     before = max(finish(k) for k in speed)
+    joined = any(not w.blocks and not any(mv.dst == w.key for mv in placed) for w in workers)
+    if not joined and (not balance or before - fair <= hysteresis * before):
+        return placed
     moves: list[Move] = []
     for _ in range(len(sizes) * len(speed)):  # bounded: each move strictly lowers the maximum
         slow = max(speed, key=lambda k: (finish(k), str(k)))
@@ -196,7 +202,6 @@ def plan(workers: Sequence[WorkerView], sizes: Sequence[int], *, move_seconds: f
         moves.append(give(b, slow, dst))
     after = max(finish(k) for k in speed)
     saved = before - after
-    joined = any(not w.blocks and not any(mv.dst == w.key for mv in placed) for w in workers)
     if not moves or (not joined and (not balance or saved <= hysteresis * before
                                      or saved * payback_evals <= move_seconds * len(_net(moves)))):
         return placed
@@ -206,10 +211,25 @@ def plan(workers: Sequence[WorkerView], sizes: Sequence[int], *, move_seconds: f
 def _edge_block(src: list[int], dst: list[int], sizes: Sequence[int]) -> int:
     """The block ``src`` should give ``dst``: an end of one of src's ranges (never one that
     splits a range), the one after which the two hold the fewest tree nodes; then the smallest,
-    then the lowest id."""
-    mine, theirs, B = set(src), set(dst), len(sizes)
-    ends = [b for b in src if b - 1 not in mine or b + 1 not in mine]
-    return min(ends, key=lambda b: (len(tree.cover(mine - {b}, B)) + len(tree.cover(theirs | {b}, B)), sizes[b], b))
+    then the lowest id. (Only the ranges a move touches change their node counts: each end is
+    priced from those, in O(log B), not by covering both sets again.)"""
+    B = len(sizes)
+    theirs = tree.runs(sorted(dst))
+    ending = {hi: lo for lo, hi in theirs}  # dst's range that a block b would extend: ending at b ...
+    starting = {lo: hi for lo, hi in theirs}  # ... or starting at b + 1
+
+    def gained(b: int) -> int:  # how many more nodes dst holds with b
+        lo, hi = ending.get(b, b), starting.get(b + 1, b + 1)
+        before = (tree.count(lo, b, B) if lo < b else 0) + (tree.count(b + 1, hi, B) if hi > b + 1 else 0)
+        return tree.count(lo, hi, B) - before
+
+    priced = []
+    for lo, hi in tree.runs(sorted(src)):
+        whole = tree.count(lo, hi, B)
+        for b, rest in ((lo, (lo + 1, hi)), (hi - 1, (lo, hi - 1))):
+            left = tree.count(*rest, B) if rest[0] < rest[1] else 0
+            priced.append((left - whole + gained(b), sizes[b], b))
+    return min(priced)[2]
 
 
 def _net(moves: list[Move]) -> list[Move]:

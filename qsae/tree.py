@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ProtocolError
 
-__all__ = ["Node", "depth", "root", "span", "cover", "value", "fold", "code", "decode", "check_cover"]
+__all__ = ["Node", "depth", "root", "span", "cover", "runs", "count", "value", "fold", "code", "decode", "check_cover"]
 
 Node = tuple[int, int]  # (level, index): blocks [index·2^level, (index+1)·2^level) ∩ [0, B)
 LEVEL_BITS = 5  # levels 0..31 in a node's wire code: 2^31 blocks, far past placement.MAX_BLOCKS
@@ -67,20 +67,34 @@ def cover(blocks: Iterable[int], B: int) -> list[Node]:
     ids = sorted(set(blocks))
     if ids and not 0 <= ids[0] <= ids[-1] < B:
         raise ValueError(f"blocks {ids[0]}..{ids[-1]} are not all in 0..{B - 1}")
-    top, out, k = depth(B), [], 0
-    while k < len(ids):
-        a = ids[k]
-        b = a + 1  # the run of consecutive blocks from a: [a, b)
-        while k + (b - a) < len(ids) and ids[k + (b - a)] == b:
-            b += 1
-        k += b - a
-        while a < b:
-            level = 0
-            while level < top and a % (2 << level) == 0 and min(a + (2 << level), B) <= b:
-                level += 1
-            out.append((level, a >> level))
-            a = min(a + (1 << level), B)
+    return [node for lo, hi in runs(ids) for node in _range_nodes(lo, hi, B)]
+
+
+def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """The maximal ranges [lo, hi) of consecutive ids in sorted, distinct ``ids``."""
+    out: list[tuple[int, int]] = []
+    for b in ids:
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1)
+        else:
+            out.append((b, b + 1))
     return out
+
+
+def count(lo: int, hi: int, B: int) -> int:
+    """How many nodes cover the blocks [lo, hi): ``len(cover(range(lo, hi), B))`` in O(log B)."""
+    return sum(1 for _ in _range_nodes(lo, hi, B))
+
+
+def _range_nodes(a: int, b: int, B: int):
+    """The nodes of one range [a, b) of blocks, highest first where they may be, in order."""
+    top = depth(B)
+    while a < b:
+        level = 0
+        while level < top and a % (2 << level) == 0 and min(a + (2 << level), B) <= b:
+            level += 1
+        yield (level, a >> level)
+        a = min(a + (1 << level), B)
 
 
 def value(node: Node, known: Mapping[Node, np.ndarray], B: int) -> np.ndarray:
