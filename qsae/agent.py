@@ -253,14 +253,16 @@ class Agent(Worker):
         rows = sum(head["rows"] for head, _ in replies.values())
         if op not in PER_BLOCK:  # "average": each process's blocks are one shard; their m·J, m·∇J add up
             out = sum(replies[s][1][0] for s in sorted(replies))
-            self.send(RESULT, msg.round, [out], ids=ids, nodes=[], rows=rows, seconds=seconds)
+            self.send(RESULT, msg.round, [out], spans=msg["spans"], nodes=[], rows=rows, seconds=seconds)
             return
         B = -(-self.source["m"] // self.source["block_rows"])
         known = {tree.decode(c, B): row for head, (out,) in replies.values() for c, row in zip(head["nodes"], out)}
-        nodes = tree.cover(ids, B)
+        nodes = tree.cover_runs(tree.pairs(msg["spans"]), B)
         out = np.stack([tree.value(n, known, B) for n in nodes])  # along the tree: the bits of any placement
         for lo in range(0, len(nodes), MAX_RESULT_ROWS):
             part = nodes[lo:lo + MAX_RESULT_ROWS]
-            sub = [b for node in part for b in range(*tree.span(node, B))]
-            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=sub, nodes=[tree.code(n) for n in part],
-                      rows=rows_of(sub, self.source["m"], self.source["block_rows"]), seconds=seconds)
+            spans = tree.node_runs(part, B)
+            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], spans=tree.flat(spans),
+                      nodes=[tree.code(n) for n in part],
+                      rows=rows_of(tree.blocks_of(spans), self.source["m"], self.source["block_rows"]),
+                      seconds=seconds)

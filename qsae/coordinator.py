@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, tree
 from .errors import WorkerError
 from .layout import Layout, Send
 from .membership import JOINING, LEAVING, LOST, Membership, WorkerInfo
@@ -75,6 +75,7 @@ class Coordinator:
         self.backups_by: collections.Counter = collections.Counter()  # worker name -> late blocks it computed too
         self.settling = Settle(self)
         self._last_reject_log, self._rejects = -math.inf, 0
+        self._held: dict[bytes, tuple[frozenset, list[tuple[int, int]]]] = {}  # worker -> its blocks' ranges
 
     @property
     def workers(self) -> dict[bytes, WorkerInfo]:
@@ -195,6 +196,7 @@ class Coordinator:
     def drop(self, ident: bytes, state: str, why: str) -> None:
         """It left or was lost: out of the membership; its blocks go to the others."""
         if ident in self.workers:
+            self._held.pop(ident, None)
             w = self.members.remove(ident, state, why)
             if w.blocks:
                 log.info("%s held %d blocks; they go to the others", w.name, len(w.blocks))
@@ -269,14 +271,26 @@ class Coordinator:
             self.fail([], r, RESULT, "a worker left between placing and computing")
             return None
         sizes = self.layout.sizes
-        assignment = {w.ident: sorted(w.blocks) for w in active if w.blocks}
-        predicted = {w.ident: (sum(sizes[b] for b in w.blocks) / w.speed if w.speed else None) for w in active}
+        assignment, predicted = {}, {}
+        for w in active:
+            if w.blocks:
+                spans = assignment[w.ident] = self._ranges(w)
+                rows = sum(sum(sizes[lo:hi]) for lo, hi in spans)
+                predicted[w.ident] = rows / w.speed if w.speed else None
         rnd = Round(r, op, op in OP_TABLE and OP_TABLE[op].per_block, assignment, predicted, sizes,
                     evaluation=self.evals, started=now)
         self.stats["rounds"] += 1
         self.wait = RoundWait(rnd, arg, result_width(op, self.layout.config))
-        return [Send(ident, EVAL, r, [arg], {"op": op, "ids": ids, "evaluation": rnd.evaluation})
-                for ident, ids in assignment.items()]
+        return [Send(ident, EVAL, r, [arg], {"op": op, "spans": tree.flat(spans), "evaluation": rnd.evaluation})
+                for ident, spans in assignment.items()]
+
+    def _ranges(self, w: WorkerInfo) -> list[tuple[int, int]]:
+        """The maximal ranges of the blocks ``w`` holds, worked out again only when they changed
+        (comparing two sets is C; walking them in Python is what a round must not do)."""
+        cached = self._held.get(w.ident)
+        if cached is None or cached[0] != w.blocks:
+            cached = self._held[w.ident] = (frozenset(w.blocks), tree.runs(sorted(w.blocks)))
+        return cached[1]
 
     def end_round(self) -> list[tuple[int, np.ndarray]] | None:
         """The finished round's (rows, result) for the reducer, or None when it was lost."""
@@ -300,7 +314,9 @@ class Coordinator:
                  f"predicted {p:.2f} s" if p else f"the others took {statistics.median(rnd.finished.values()):.2f} s",
                  ", ".join(self.workers[k].name for k in backups))
         self.stats["backups"] += 1
-        self.backups_by.update({self.workers[k].name: len(ids) for k, ids in backups.items()})
+        self.backups_by.update({self.workers[k].name: sum(hi - lo for lo, hi in spans)
+                                for k, spans in backups.items()})
         self.stats[f"backups of {rnd.op}"] += 1  # which round of the evaluation straggled
-        return [Send(ident, EVAL, rnd.number, [arg], {"op": rnd.op, "ids": ids, "evaluation": rnd.evaluation})
-                for ident, ids in backups.items()]
+        return [Send(ident, EVAL, rnd.number, [arg], {"op": rnd.op, "spans": tree.flat(spans),
+                                                      "evaluation": rnd.evaluation})
+                for ident, spans in backups.items()]

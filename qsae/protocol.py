@@ -22,12 +22,13 @@ Message types (direction, fields, arrays):
                                                                the worker cuts them)
     READY   w→m  ids (blocks now held), seconds (to get them)  —
     DROP    m→w  ids (blocks to forget)                        —
-    EVAL    m→w  op (a key of reduce.OPS), ids (blocks),       the argument vector
-                 evaluation (whose θ: forward and backward
-                 rounds of one evaluation share it)
-    RESULT  w→m  ids, nodes (tree.code of each row's node),    (len(nodes), L): a row per node
+    EVAL    m→w  op (a key of reduce.OPS), spans (blocks:     the argument vector
+                 [lo0, hi0, lo1, hi1, ...], ranges [lo, hi)
+                 in order, none adjacent), evaluation (whose
+                 θ: forward and backward rounds share it)
+    RESULT  w→m  spans, nodes (tree.code of each row's node),  (len(nodes), L): a row per node
                  rows, seconds (compute)                       of the summation tree (qsae.tree)
-                                                               that ids make ((1, L) and no
+                                                               that spans make ((1, L) and no
                                                                nodes for "average")
     PING    both busy                                          —
     PONG    both —                                             —
@@ -36,7 +37,8 @@ Message types (direction, fields, arrays):
     STOP    m→w  —                                             —
 
 Rows of the data set are placed in blocks (``qsae.placement``): a worker holds a set of
-block ids and every EVAL names the blocks to compute, so a block can move or be computed
+block ids and every EVAL names the blocks to compute (as ranges: a round's headers and
+the master's work grow with a worker's ranges, not its blocks), so a block can move or be computed
 by a second worker (a straggler's backup) without changing what the master adds up.
 """
 
@@ -63,8 +65,9 @@ __all__ = [
     "MAX_RESULT_ROWS",
 ]
 
-VERSION = 3  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges; 3: EVAL names its evaluation,
-#              RESULT carries rows of the summation tree's nodes, HELLO the worker's BLAS
+VERSION = 4  # 2: blocks (SOURCE, BLOCKS, DROP, BYE) replaced SHARD's row ranges; 3: EVAL names its evaluation,
+#              RESULT carries rows of the summation tree's nodes, HELLO the worker's BLAS; 4: EVAL and
+#              RESULT name ranges of blocks (spans), not every block
 HELLO, SOURCE, BLOCKS, READY, DROP, EVAL, RESULT, PING, PONG, BYE, ERROR, STOP = (
     "HELLO", "SOURCE", "BLOCKS", "READY", "DROP", "EVAL", "RESULT", "PING", "PONG", "BYE", "ERROR", "STOP",
 )
@@ -82,7 +85,9 @@ ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
 # Per type: required header fields and their exact types (bool is not an int here). Extra
 # fields are an error too.
 # ``_IDS`` is a list of distinct block ids (ints in 0..2^31), checked element by element.
-_STR, _INT, _NUM, _BOOL, _DICT, _IDS = (str,), (int,), (int, float), (bool,), (dict,), (list,)
+# ``_SPANS`` is a flat list of ranges [lo0, hi0, lo1, hi1, ...], strictly increasing (ranges in
+# order, none empty, none adjacent to the next: a holder's maximal ranges).
+_STR, _INT, _NUM, _BOOL, _DICT, _IDS, _SPANS = (str,), (int,), (int, float), (bool,), (dict,), (list,), tuple([list])
 SCHEMA: dict[str, dict[str, tuple]] = {
     HELLO: {"name": _STR, "host": _STR, "pid": _INT, "cores": _INT, "version": _STR, "blas": _STR},
     SOURCE: {"config": _DICT, "kind": _STR, "m": _INT, "block_rows": _INT, "patch_size": _INT, "seed": _INT,
@@ -90,8 +95,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     BLOCKS: {"ids": _IDS},
     READY: {"ids": _IDS, "seconds": _NUM},
     DROP: {"ids": _IDS},
-    EVAL: {"op": _STR, "ids": _IDS, "evaluation": _INT},
-    RESULT: {"ids": _IDS, "nodes": _IDS, "rows": _INT, "seconds": _NUM},
+    EVAL: {"op": _STR, "spans": _SPANS, "evaluation": _INT},
+    RESULT: {"spans": _SPANS, "nodes": _IDS, "rows": _INT, "seconds": _NUM},
     PING: {"busy": _BOOL},
     PONG: {},
     BYE: {},
@@ -203,6 +208,8 @@ def _check_required(t: str, schema: dict[str, tuple], h: dict) -> None:
             raise ProtocolError(f"{t}: field {k!r} = {val} is out of range")
         if types is _IDS:
             _check_ids(t, k, val)
+        elif types is _SPANS:
+            _check_spans(t, k, val)
     if len(h) != len(schema):
         raise ProtocolError(f"{t}: unexpected fields {sorted(set(h) - set(schema))}")
 
@@ -215,6 +222,17 @@ def _check_ids(t: str, k: str, ids: list) -> None:
             raise ProtocolError(f"{t}: field {k!r}: block id {b!r:.40} is not an integer in 0..2^31")
     if len(set(ids)) != len(ids):
         raise ProtocolError(f"{t}: field {k!r} names a block twice")
+
+
+def _check_spans(t: str, k: str, spans: list) -> None:
+    if len(spans) % 2:
+        raise ProtocolError(f"{t}: field {k!r} holds {len(spans)} numbers, not pairs [lo, hi] of block ranges")
+    last = -1
+    for b in spans:  # a few ranges a message: this loop is short
+        if type(b) is not int or not last < b < 2**31:
+            raise ProtocolError(f"{t}: field {k!r}: {b!r:.40} after {last} — block ranges must be integers in "
+                                "0..2^31, in order, none empty, none adjacent")
+        last = b
 
 
 def _arrays(t: str, specs: Any, frames: Sequence[Any]) -> list[np.ndarray]:

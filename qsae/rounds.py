@@ -25,20 +25,27 @@ import numpy as np
 
 from . import tree
 
-__all__ = ["Round", "STRAGGLER_FACTOR", "STRAGGLER_SLACK"]
+__all__ = ["Round", "Span", "STRAGGLER_FACTOR", "STRAGGLER_SLACK"]
 
 STRAGGLER_FACTOR = 2.0  # rounds vary by ±20% on a shared machine; twice the prediction is "well behind"
 STRAGGLER_SLACK = 0.1  # seconds: below this a round's time is latency and Python, not compute
 
 
+Span = tuple[int, int]  # blocks [lo, hi)
+
+
 class Round:
     """The bookkeeping of one scattered op.
+
+    Blocks travel as ranges (``Span``: blocks [lo, hi), a worker's maximal ranges in order),
+    so what a round costs the master grows with the ranges, not the blocks: sets of block ids
+    are built from ranges in C (``range``), never walked in Python.
 
     Parameters
     ----------
     number : the round number (replies of other rounds are dropped by it).
-    op : the op; ``per_block`` says whether its replies are one row per block.
-    assignment : worker -> the blocks it is asked for.
+    op : the op; ``per_block`` says whether its replies are rows of tree nodes.
+    assignment : worker -> the ranges of blocks it is asked for.
     predicted : worker -> predicted compute seconds (None: unknown).
     sizes : rows of every block.
     evaluation : the evaluation this round is part of (its θ): a worker keeps a block's
@@ -47,7 +54,7 @@ class Round:
         clock takes ``now`` too, so a round can be replayed on made-up times.
     """
 
-    def __init__(self, number: int, op: str, per_block: bool, assignment: dict[Hashable, list[int]],
+    def __init__(self, number: int, op: str, per_block: bool, assignment: dict[Hashable, list[Span]],
                  predicted: dict[Hashable, float | None], sizes: list[int], evaluation: int = 0,
                  started: float | None = None) -> None:
         self.number, self.op, self.per_block, self.evaluation = number, op, per_block, evaluation
@@ -59,24 +66,24 @@ class Round:
         self.finished: dict[Hashable, float] = {}  # worker -> seconds after the start
         self.backed_up: set[Hashable] = set()  # stragglers whose blocks were sent to others
         self.helping: set[Hashable] = set()  # workers computing a backup now
-        # units: a block (per-block ops) or a worker's group of blocks ("average")
-        self.units = {(b,): k for k, ids in self.assignment.items() for b in ids} if per_block else \
-            {tuple(ids): k for k, ids in self.assignment.items()}
-        self.asked = {k: set(ids) for k, ids in self.assignment.items()}  # blocks each still owes
-        self.results: dict[tuple, tuple[int, np.ndarray]] = {}  # tree node (per block) or group -> row
+        self.asked = {k: _blocks(v) for k, v in self.assignment.items()}  # blocks each still owes
+        self.n_blocks = sum(hi - lo for v in self.assignment.values() for lo, hi in v)
+        # "average": a worker's ranges are one group, answered by one row
+        self.groups = {} if per_block else {tuple(v): k for k, v in self.assignment.items()}
+        self.results: dict[tuple, tuple[int, np.ndarray]] = {}  # tree node (per block) or group -> (rows, row)
         self.covered: set[int] = set()  # blocks under a kept row
 
     @property
     def done(self) -> bool:
         if self.per_block:
-            return len(self.covered) == len(self.units)
-        return len(self.results) == len(self.units)
+            return len(self.covered) == self.n_blocks
+        return len(self.results) == len(self.groups)
 
-    def accept(self, worker: Hashable, ids: list[int], rows: np.ndarray, nodes: list | None = None,
+    def accept(self, worker: Hashable, spans: list[Span], rows: np.ndarray, nodes: list | None = None,
                now: float | None = None) -> bool:
-        """A reply of ``worker`` covering ``ids``: per-block ops give one row per tree node
-        (``nodes``, checked by the caller to be ``tree.cover(ids)``), "average" one row for its
-        group. True if the worker had work pending in this round. A worker may answer in
+        """A reply of ``worker`` covering ``spans``: per-block ops give one row per tree node
+        (``nodes``, checked by the caller to be the cover of ``spans``), "average" one row for
+        its group. True if the worker had work pending in this round. A worker may answer in
         several replies; it is finished once they cover every block it was asked for."""
         now = (time.monotonic() if now is None else now) - self.started
         if self.per_block:
@@ -87,13 +94,14 @@ class Round:
                     self.results[node] = (sum(self.sizes[lo:hi]), row)
                     self.covered.update(range(lo, hi))
         else:
-            unit = tuple(ids)
-            if unit in self.units and unit not in self.results:
-                self.results[unit] = (sum(self.sizes[b] for b in ids), rows[0])
+            group = tuple(spans)
+            if group in self.groups and group not in self.results:
+                self.results[group] = (sum(sum(self.sizes[lo:hi]) for lo, hi in spans), rows[0])
         was = worker in self.pending or worker in self.helping
         owed = self.asked.get(worker)
         if owed is not None:
-            owed.difference_update(ids)
+            for lo, hi in spans:
+                owed.difference_update(range(lo, hi))
         if not owed:
             self.pending.discard(worker)
             self.helping.discard(worker)
@@ -108,9 +116,9 @@ class Round:
         block; "average", (rows, result) of every group in block order."""
         if self.per_block:
             B = len(self.sizes)
-            rows = sum(self.sizes[b] for (b,) in self.units)
+            rows = sum(sum(self.sizes[lo:hi]) for v in self.assignment.values() for lo, hi in v)
             return [(rows, tree.value(tree.root(B), {n: v for n, (_, v) in self.results.items()}, B))]
-        return [self.results[u] for u in sorted(self.units)]
+        return [self.results[g] for g in sorted(self.groups)]
 
     def waiting_on(self) -> set[Hashable]:
         """Workers whose answer the round still needs (a backed-up straggler no longer is needed
@@ -140,34 +148,43 @@ class Round:
         """Workers that answered this round and are computing nothing else."""
         return [k for k in self.finished if k not in self.pending and k not in self.helping]
 
-    def backups(self, straggler: Hashable, speeds: dict[Hashable, float]) -> dict[Hashable, list[int]]:
+    def backups(self, straggler: Hashable, speeds: dict[Hashable, float]) -> dict[Hashable, list[Span]]:
         """Split ``straggler``'s unanswered blocks among the idle workers, by their speed.
 
-        Returns worker -> blocks to compute ({} if nothing is left or nobody is idle).
+        Returns worker -> ranges of blocks to compute ({} if nothing is left or nobody is idle).
         """
         idle = sorted(self.idle(), key=lambda k: -speeds.get(k, 1.0))
-        units = self._unanswered(straggler)
-        if not idle or not units:
+        blocks = self._unanswered(straggler)
+        if not idle or not blocks:
             return {}
         if not self.per_block:  # a group is one unit: the fastest idle worker takes it whole
-            plan = {idle[0]: list(units[0])}
+            plan = {idle[0]: list(self.assignment[straggler])}
         else:  # consecutive slices of the blocks: few tree nodes a helper
-            blocks = sorted(u[0] for u in units)
             total = sum(speeds.get(k, 1.0) for k in idle)
             plan, start = {}, 0
             for i, k in enumerate(idle):
                 n = len(blocks) - start if i == len(idle) - 1 else round(len(blocks) * speeds.get(k, 1.0) / total)
                 if n > 0:
-                    plan[k] = blocks[start:start + n]
+                    plan[k] = tree.runs(blocks[start:start + n])
                 start += n
         self.backed_up.add(straggler)
         self.helping.update(plan)
-        for k, ids in plan.items():
-            self.asked.setdefault(k, set()).update(ids)
+        for k, spans in plan.items():
+            self.asked.setdefault(k, set()).update(_blocks(spans))
         return plan
 
-    def _unanswered(self, worker: Hashable) -> list[tuple]:
-        """The units of ``worker`` nobody has answered yet."""
-        if self.per_block:
-            return [u for u, k in self.units.items() if k == worker and u[0] not in self.covered]
-        return [u for u, k in self.units.items() if k == worker and u not in self.results]
+    def _unanswered(self, worker: Hashable) -> list[int]:
+        """The blocks of ``worker`` nobody has answered yet, in order (a group's: all or none)."""
+        spans = self.assignment.get(worker, [])
+        if not self.per_block:
+            return [] if tuple(spans) in self.results else _blocks_list(spans)
+        return [b for b in _blocks_list(spans) if b not in self.covered]
+
+
+def _blocks(spans: list[Span]) -> set[int]:
+    """The set of blocks in ``spans``, built in C."""
+    return set().union(*(range(lo, hi) for lo, hi in spans))
+
+
+def _blocks_list(spans: list[Span]) -> list[int]:
+    return [b for lo, hi in spans for b in range(lo, hi)]

@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ProtocolError
 
-__all__ = ["Node", "depth", "root", "span", "cover", "runs", "count", "value", "fold", "code", "decode", "check_cover"]
+__all__ = ["Node", "depth", "root", "span", "cover", "runs", "cover_runs", "count", "flat", "pairs", "blocks_of", "node_runs", "value", "fold", "code", "decode", "check_cover"]
 
 Node = tuple[int, int]  # (level, index): blocks [index·2^level, (index+1)·2^level) ∩ [0, B)
 LEVEL_BITS = 5  # levels 0..31 in a node's wire code: 2^31 blocks, far past placement.MAX_BLOCKS
@@ -67,7 +67,7 @@ def cover(blocks: Iterable[int], B: int) -> list[Node]:
     ids = sorted(set(blocks))
     if ids and not 0 <= ids[0] <= ids[-1] < B:
         raise ValueError(f"blocks {ids[0]}..{ids[-1]} are not all in 0..{B - 1}")
-    return [node for lo, hi in runs(ids) for node in _range_nodes(lo, hi, B)]
+    return cover_runs(runs(ids), B)
 
 
 def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -79,6 +79,41 @@ def runs(ids: Iterable[int]) -> list[tuple[int, int]]:
         else:
             out.append((b, b + 1))
     return out
+
+
+def flat(spans: Iterable[tuple[int, int]]) -> list[int]:
+    """Ranges on the wire: [lo0, hi0, lo1, hi1, ...] (``protocol`` checks them increasing)."""
+    return [x for span in spans for x in span]
+
+
+def pairs(wire: list[int]) -> list[tuple[int, int]]:
+    """The ranges of a wire list (``flat``'s inverse)."""
+    return list(zip(wire[::2], wire[1::2]))
+
+
+def blocks_of(spans: Iterable[tuple[int, int]]) -> list[int]:
+    """Every block id in ``spans``, in order."""
+    return [b for lo, hi in spans for b in range(lo, hi)]
+
+
+def node_runs(nodes: list[Node], B: int) -> list[tuple[int, int]]:
+    """The maximal ranges of blocks ``nodes`` cover, in order. ProtocolError unless each node
+    starts past the one before (what a holder sends: its cover, in block order)."""
+    out: list[tuple[int, int]] = []
+    for node in nodes:
+        lo, hi = span(node, B)
+        if out and lo < out[-1][1]:
+            raise ProtocolError(f"tree nodes out of block order or overlapping at block {lo}")
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def cover_runs(spans: Iterable[tuple[int, int]], B: int) -> list[Node]:
+    """``cover`` of the blocks in ``spans`` (maximal ranges, in order), in O(ranges · log B)."""
+    return [node for lo, hi in spans for node in _range_nodes(lo, hi, B)]
 
 
 def count(lo: int, hi: int, B: int) -> int:

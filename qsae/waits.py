@@ -87,14 +87,17 @@ class RoundWait(Wait):
         return wait
 
     def take(self, w: WorkerInfo, msg, n_blocks: int, now: float) -> str | None:
-        """Check a RESULT of this round (shape, finiteness, tree nodes), note the worker's
-        compute time and give it to the round. Returns why it is refused (the worker is then
-        dropped), or None; NaN or Inf fails the wait with ``NumericalError``."""
-        rnd, ids, out = self.rnd, msg["ids"], msg.arrays[0]
+        """Check a RESULT of this round (shape, finiteness, ranges, tree nodes), note the
+        worker's compute time and give it to the round. Returns why it is refused (the worker
+        is then dropped), or None; NaN or Inf fails the wait with ``NumericalError``. Its cost
+        grows with the reply's ranges and nodes, never with its blocks."""
+        rnd, spans, out = self.rnd, tree.pairs(msg["spans"]), msg.arrays[0]
         rows_expected = len(msg["nodes"]) if rnd.per_block else 1
         if self.width is not None and out.shape != (rows_expected, self.width):
             return (f"results of shape {out.shape}, this run's model needs {(rows_expected, self.width)}: another "
                     "model or qsae version")
+        if spans and spans[-1][1] > n_blocks:
+            return f"a reply for blocks up to {spans[-1][1] - 1}; this data set has {n_blocks}"
         if not math.isfinite(out.sum()):  # any NaN or Inf makes the sum so; one pass, no temporary
             self.error = NumericalError(
                 f"worker {w.name} (pid {w.pid} on {w.host}) returned NaN or Inf in round {rnd.number} ({rnd.op}); "
@@ -104,10 +107,12 @@ class RoundWait(Wait):
         if rnd.per_block:  # rows of the summation tree's nodes: exactly the ones its blocks make
             try:
                 nodes = [tree.decode(c, n_blocks) for c in msg["nodes"]]
-                tree.check_cover(nodes, ids, n_blocks)
             except ProtocolError as e:
                 return str(e)
-        if len(ids) == len(w.blocks) and w.blocks.issuperset(ids):  # its own blocks, not a backup: its time
+            if nodes != tree.cover_runs(spans, n_blocks):
+                return (f"a reply for {len(spans)} ranges of blocks sent {len(nodes)} tree nodes, not the "
+                        f"{len(tree.cover_runs(spans, n_blocks))} those blocks make")
+        if spans == rnd.assignment.get(w.ident):  # its own blocks, not a backup: its time
             w.eval_rows, w.eval_seconds = msg["rows"], w.eval_seconds + msg["seconds"]
-        rnd.accept(w.ident, ids, out, nodes, now=now)
+        rnd.accept(w.ident, spans, out, nodes, now=now)
         return None

@@ -393,7 +393,8 @@ class Worker:
     def _begin_eval(self, msg) -> tuple:
         """(op, arg, ids, evaluation) of an EVAL, checked; a forward round's θ kept, tagged with its
         evaluation (workers and agents alike)."""
-        op, arg, ids, evaluation = msg["op"], msg.arrays[0], msg["ids"], msg["evaluation"]
+        op, arg, evaluation = msg["op"], msg.arrays[0], msg["evaluation"]
+        ids = tree.blocks_of(tree.pairs(msg["spans"]))
         if op not in OPS:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         if self.source is None:
@@ -417,14 +418,14 @@ class Worker:
             codes, out = self._in_thread(self.store.evaluate, op, ids, evaluation, arg, theta)
         seconds = time.perf_counter() - t0
         if op not in PER_BLOCK:  # "average": one row for the group
-            self.send(RESULT, msg.round, [out], ids=ids, nodes=[], rows=rows, seconds=seconds)
+            self.send(RESULT, msg.round, [out], spans=msg["spans"], nodes=[], rows=rows, seconds=seconds)
             return
         B = self.store.n_blocks
         for lo in range(0, len(codes), MAX_RESULT_ROWS):
             part = codes[lo:lo + MAX_RESULT_ROWS]
-            sub = [b for c in part for b in range(*tree.span(tree.decode(c, B), B))]
-            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], ids=sub, nodes=part,
-                      rows=rows_of(sub, src["m"], src["block_rows"]), seconds=seconds)
+            spans = tree.node_runs([tree.decode(c, B) for c in part], B)
+            self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], spans=tree.flat(spans), nodes=part,
+                      rows=rows_of(tree.blocks_of(spans), src["m"], src["block_rows"]), seconds=seconds)
 
     def _in_thread(self, fn, *args):
         """Run fn(*args) in a thread, sending PINGs (busy) while it runs."""

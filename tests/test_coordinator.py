@@ -71,7 +71,8 @@ class Cluster:
     def result(self, ident: bytes, r: int, ids: list[int], dt: float = 0.01, value=None):
         nodes = tree.cover(ids, B)
         rows = np.array([tree.value(n, self.leaves, B) for n in nodes]) if value is None else value
-        return self.feed(ident, msg(RESULT, r, [rows], ids=ids, nodes=[tree.code(n) for n in nodes],
+        return self.feed(ident, msg(RESULT, r, [rows], spans=tree.flat(tree.runs(sorted(ids))),
+                                    nodes=[tree.code(n) for n in nodes],
                                     rows=BLOCK * len(ids), seconds=0.01), dt=dt)
 
     def total(self) -> np.ndarray:
@@ -98,7 +99,7 @@ def test_a_round_adds_along_the_tree_and_a_stale_result_is_dropped():
     k.settle()
     theta = np.ones(CFG.n_params)
     sends = k.c.begin_round("sums", theta, k.now)
-    assert {s.type for s in sends} == {EVAL} and {s.ident: s.fields["ids"] for s in sends} == k.held()
+    assert {s.type for s in sends} == {EVAL} and {s.ident: tree.blocks_of(tree.pairs(s.fields["spans"])) for s in sends} == k.held()
     r = sends[0].round
     a, b = k.held().items()
     k.result(a[0], r - 1, a[1])  # a RESULT of an older round: dropped, nothing counted
@@ -122,7 +123,8 @@ def test_a_straggler_is_backed_up_by_the_idle_worker():
     k.result(a, r, ida, dt=0.1)  # a took 0.1 s: b is late past 2 × 0.1 + 0.1 s
     assert k.c.tick(k.now + 0.2) == []
     backup = k.c.tick(k.now + 0.31)
-    assert [(s.ident, s.type, s.round, s.fields["ids"]) for s in backup] == [(a, EVAL, r, idb)]
+    asked = [(s.ident, s.type, s.round, tree.blocks_of(tree.pairs(s.fields["spans"]))) for s in backup]
+    assert asked == [(a, EVAL, r, idb)]
     assert k.c.stats["backups"] == 1 and k.c.backups_by["a"] == len(idb)
     k.result(a, r, idb, dt=0.35)
     assert not k.c.waiting

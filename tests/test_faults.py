@@ -54,8 +54,8 @@ def test_sigkill_mid_run_changes_nothing(images, undisturbed):
 
 def hostile_messages(rng: np.random.Generator, theta: np.ndarray, n: int):
     """Random bytes, mutated valid messages, and valid messages that are not the sender's to send."""
-    valid = [encode(EVAL, 7, [theta], op="sums", ids=[0], evaluation=7),
-             encode(RESULT, 3, [theta[None, :]], ids=[0], nodes=[0], rows=10, seconds=0.1),
+    valid = [encode(EVAL, 7, [theta], op="sums", spans=[0, 1], evaluation=7),
+             encode(RESULT, 3, [theta[None, :]], spans=[0, 1], nodes=[0], rows=10, seconds=0.1),
              encode(PING, busy=True), encode(HELLO, name="x", host="h", pid=1, cores=1, version="9.9.9", blas=""),
              encode(SOURCE, 1, [theta[:64].reshape(8, 8)], config={}, kind="images", m=1, block_rows=1,
                     patch_size=8, seed=0, sigma=1.0, dtype="float64"),
@@ -74,7 +74,7 @@ def hostile_messages(rng: np.random.Generator, theta: np.ndarray, n: int):
         elif kind == 2:  # valid headers with lying arrays: wrong dtype, shape, count, NaN
             yield [msgpack.packb({"t": RESULT, "v": VERSION, "r": int(rng.integers(0, 50)),
                                   "a": [[rng.choice(["<f8", "<i8", "|O", ">f8"]), [int(rng.integers(-2, 9))]]],
-                                  "ids": [0], "nodes": [0], "rows": 10, "seconds": 0.1}),
+                                  "spans": [0, 1], "nodes": [0], "rows": 10, "seconds": 0.1}),
                    np.full(int(rng.integers(0, 9)), np.nan).tobytes()]
         elif kind == 3:  # well-formed but not allowed from this sender
             yield [bytes(f) for f in valid[int(rng.integers(len(valid)))]]

@@ -107,24 +107,24 @@ def test_bad_snapshots_are_refused():
 
 def test_round_adds_along_the_tree_whoever_answers():
     sizes = [10, 10, 10, 10]
-    rnd = Round(5, "sums", True, {"a": [0, 1], "b": [2, 3]}, {"a": 0.0, "b": 0.0}, sizes)
-    rnd.accept("a", [0, 1], np.array([[1.0]]), [(1, 0)])  # one row: the node over blocks 0 and 1
+    rnd = Round(5, "sums", True, {"a": [(0, 2)], "b": [(2, 4)]}, {"a": 0.0, "b": 0.0}, sizes)
+    rnd.accept("a", [(0, 2)], np.array([[1.0]]), [(1, 0)])  # one row: the node over blocks 0 and 1
     time.sleep(0.12)  # past b's deadline (predicted 0 s + the slack)
     assert rnd.stragglers() == ["b"]
-    assert rnd.backups("b", {"a": 1.0}) == {"a": [2, 3]} and rnd.stragglers() == []
-    rnd.accept("a", [2], np.array([[3.0]]), [(0, 2)])  # a helper may answer in parts ...
+    assert rnd.backups("b", {"a": 1.0}) == {"a": [(2, 4)]} and rnd.stragglers() == []
+    rnd.accept("a", [(2, 3)], np.array([[3.0]]), [(0, 2)])  # a helper may answer in parts ...
     assert not rnd.done and rnd.idle() == []  # ... and is busy until it has answered all
-    rnd.accept("b", [2, 3], np.array([[7.0]]), [(1, 1)])  # the straggler's own row comes first
+    rnd.accept("b", [(2, 4)], np.array([[7.0]]), [(1, 1)])  # the straggler's own row comes first
     assert rnd.done and rnd.replies() == [(40, np.array([8.0]))]  # root = (0..1) + (2..3)
 
 
 def test_round_average_backs_up_a_whole_group():
-    rnd = Round(1, "average", False, {"a": [0], "b": [1, 2]}, {"a": 0.0, "b": 0.0}, [10, 10, 10])
-    rnd.accept("a", [0], np.array([[1.0]]))
-    assert rnd.backups("b", {"a": 1.0}) == {"a": [1, 2]}
-    rnd.accept("a", [1], np.array([[9.0]]))  # not the group: ignored
+    rnd = Round(1, "average", False, {"a": [(0, 1)], "b": [(1, 3)]}, {"a": 0.0, "b": 0.0}, [10, 10, 10])
+    rnd.accept("a", [(0, 1)], np.array([[1.0]]))
+    assert rnd.backups("b", {"a": 1.0}) == {"a": [(1, 3)]}
+    rnd.accept("a", [(1, 2)], np.array([[9.0]]))  # not the group: ignored
     assert not rnd.done
-    rnd.accept("a", [1, 2], np.array([[2.0]]))
+    rnd.accept("a", [(1, 3)], np.array([[2.0]]))
     assert rnd.done and [(k, v[0]) for k, v in rnd.replies()] == [(10, 1.0), (20, 2.0)]
 
 

@@ -21,8 +21,8 @@ GOOD = {
     BLOCKS: dict(ids=[0, 2]),
     READY: dict(ids=[0, 2], seconds=0.01),
     DROP: dict(ids=[1]),
-    EVAL: dict(op="sums", ids=[0, 2], evaluation=3),
-    RESULT: dict(ids=[0, 2], nodes=[0, 64], rows=10, seconds=0.5),
+    EVAL: dict(op="sums", spans=[0, 1, 2, 3], evaluation=3),
+    RESULT: dict(spans=[0, 1, 2, 3], nodes=[0, 64], rows=10, seconds=0.5),
     PING: dict(busy=True),
     PONG: {},
     BYE: {},
@@ -47,7 +47,7 @@ def test_every_type_round_trips(t):
 
 
 def header(**h):
-    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums", "ids": [0], "evaluation": 1}
+    base = {"t": EVAL, "v": VERSION, "r": 1, "a": [["<f8", [2]]], "op": "sums", "spans": [0, 1], "evaluation": 1}
     base.update(h)
     return msgpack.packb({k: v for k, v in base.items() if v is not ...})
 
@@ -106,5 +106,16 @@ def test_random_bytes_never_escape_as_another_exception():
 
 @pytest.mark.parametrize("ids", [[-1], [2**31], [1.5], ["0"], [True], [3, 3], list(range(MAX_IDS + 1))])
 def test_bad_block_ids_are_refused(ids):
-    with pytest.raises(ProtocolError):
-        decode([header(ids=ids), DATA])
+    decode([header(t=DROP, a=[], op=..., spans=..., evaluation=..., ids=[0, 5])])  # the good form
+    with pytest.raises(ProtocolError, match="block id|at most|twice|max_array_len"):
+        decode([header(t=DROP, a=[], op=..., spans=..., evaluation=..., ids=ids)])
+
+
+@pytest.mark.parametrize("spans", [[0], [-1, 2], [0, 2**31], [0.0, 1], [True, 2], [2, 2], [3, 1], [0, 2, 2, 4],
+                                   [0, 2, 1, 4], ["0", "1"]])
+def test_bad_block_ranges_are_refused(spans):
+    """EVAL and RESULT name blocks as ranges [lo, hi): pairs, integers, in order, none empty,
+    none adjacent to the next (a holder's maximal ranges)."""
+    decode([header(spans=[0, 2, 3, 4]), DATA])  # the good form
+    with pytest.raises(ProtocolError, match="ranges|pairs"):
+        decode([header(spans=spans), DATA])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qsae.errors import ProtocolError
+from qsae import tree
 from qsae.tree import check_cover, code, cover, decode, depth, fold, root, span, value
 from qsae.tree import decode as decode_node
 
@@ -130,16 +131,18 @@ def test_a_worker_with_scattered_blocks_answers_along_the_tree_in_several_result
             part = ids[i:i + MAX_ARRAYS]
             send(master, encode(BLOCKS, 2 + i, [X[b * rows:(b + 1) * rows] for b in part], ids=part), (ident,))
             receive(READY)
-        send(master, encode(EVAL, 9, [theta], op="sums", ids=ids, evaluation=1), (ident,))
+        send(master, encode(EVAL, 9, [theta], op="sums", spans=tree.flat(tree.runs(ids)), evaluation=1), (ident,))
         got, covered, messages = {}, [], 0
         while len(covered) < len(ids):
             _, msg = receive(RESULT)
             messages += 1
             assert msg.round == 9 and len(msg["nodes"]) <= MAX_RESULT_ROWS
             nodes = [decode_node(c, B) for c in msg["nodes"]]
-            check_cover(nodes, msg["ids"], B)
+            spans = tree.pairs(msg["spans"])
+            check_cover(nodes, tree.blocks_of(spans), B)
+            assert tree.node_runs(nodes, B) == spans  # the ranges its nodes make, each in one RESULT
             got.update(zip(nodes, msg.arrays[0]))
-            covered += msg["ids"]
+            covered += tree.blocks_of(spans)
         assert sorted(covered) == ids and len(got) == len(ids) and messages == 3  # 130 rows: 64 + 64 + 2
         per_block = np.stack([shard_sums(theta, X[b * rows:(b + 1) * rows], cfg).vec for b in ids])
         want_nodes, want = fold(ids, per_block, B)
