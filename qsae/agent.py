@@ -34,7 +34,7 @@ from .compute import ERR, HOLD, Child, read, rows_of, spawn, write
 from .compute import bounds as block_bounds
 from .errors import ProtocolError, WorkerError
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
-from .reduce import PER_BLOCK
+from .reduce import OP_TABLE, PER_BLOCK
 from .worker import Worker, _release_freed_memory, _span
 
 __all__ = ["Agent", "split"]
@@ -242,10 +242,11 @@ class Agent(Worker):
 
     def _on_eval(self, msg) -> None:
         op, arg, ids, evaluation = self._begin_eval(msg)
-        if op == "backward" and self._theta_of != evaluation:
-            raise ProtocolError(f"backward round of evaluation {evaluation}, but this agent's last forward round was "
+        first = OP_TABLE[op].after  # a second round: its processes may need the first round's θ
+        if first and self._theta_of != evaluation:
+            raise ProtocolError(f"{op} round of evaluation {evaluation}, but this agent's last {first} round was "
                                 f"of evaluation {self._theta_of}: it holds no θ for it")
-        arrays = [arg, self._theta] if op == "backward" else [arg]
+        arrays = [arg, self._theta] if first else [arg]
         t0 = time.perf_counter()
         replies = self._ask({slot: (C_EVAL, arrays, {"op": op, "ids": part, "evaluation": evaluation})
                              for slot, part in self._assign(ids).items()})

@@ -40,7 +40,7 @@ import numpy as np
 from . import tree
 from .errors import ProtocolError
 from .protocol import ALLOWED_DTYPES
-from .reduce import OPS, PER_BLOCK, ShardState, run_blocks
+from .reduce import OP_TABLE, OPS, PER_BLOCK, ShardState, run_blocks
 
 __all__ = ["HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR", "Child", "spawn", "write", "read", "rows_of", "Blocks"]
 
@@ -168,6 +168,7 @@ class Blocks:
         if evaluation != self.evaluation:  # a new θ: the backup blocks cut for the last one go
             self.extra = {b: st for b, st in self.extra.items() if b in ids}
             self.evaluation = evaluation
+        first = OP_TABLE[op].after if op in OP_TABLE else None
         out = []
         for b in ids:
             st = self.held.get(b) or self.extra.get(b)
@@ -175,10 +176,10 @@ class Blocks:
                 if self.source["kind"] != "images":
                     raise ValueError(f"block {b} is not held here and an array source cannot be cut again")
                 st = self.extra[b] = self.cut(b)
-            if op == "backward" and (st.A is None or st.evaluation != evaluation):
+            if first and (st.A is None or st.evaluation != evaluation):
                 if theta is None:
-                    raise ProtocolError(f"backward round of evaluation {evaluation} without the forward round's θ")
-                OPS["forward"](st, theta)  # never an older θ's activations
+                    raise ProtocolError(f"{op} round of evaluation {evaluation} without the {first} round's θ")
+                OPS[first](st, theta)  # never an older θ's activations
                 st.evaluation = evaluation
             out.append(st)
         return out
@@ -189,7 +190,7 @@ class Blocks:
         if op not in OPS:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         states = self.states(op, ids, evaluation, theta)
-        if op == "forward":
+        if OP_TABLE[op].keeps:
             for st in states:  # tagged before computing: a failed forward leaves A None (never a stale one)
                 st.evaluation, st.A = evaluation, None
         out = run_blocks(op, arg, states)

@@ -120,16 +120,24 @@ def _op_average(st: ShardState, theta: np.ndarray) -> np.ndarray:
 class Op:
     """Everything the master, the coordinator and the workers know of one worker operation.
 
-    A new op is one entry of ``OP_TABLE``: its worker side, the shape of its answer, which
-    round of an evaluation it is and what a worker keeps from it for the next round.
+    A new op is one entry of ``OP_TABLE``: its worker side, the shape of its answer, and how
+    it links the rounds of an evaluation — what a worker keeps from it for the next round
+    (``keeps``), or which earlier op's kept state it needs (``after``). Workers, agents and
+    compute processes read these facts; none of them names an op.
     """
 
     name: str
     run: Callable[[ShardState, np.ndarray], np.ndarray]  # the worker side, on one block
     per_block: bool  # one row per block, added along the summation tree; else one row per group
-    round: int  # which round of its evaluation: 1, or 2 (needs the first round's state)
     keeps: str | None  # what a worker keeps for the next round: "activations" (and θ), or nothing
+    after: str | None  # the op of the round before whose kept state this one uses (computed again
+    #                    from that round's θ where a block lacks it: a backup, a respawned process)
     width_of: Callable[[SAEConfig], int]  # length of one result row
+
+    @property
+    def round(self) -> int:
+        """Which round of its evaluation: 2 for an op that needs an earlier one's state, else 1."""
+        return 2 if self.after else 1
 
     def width(self, config: SAEConfig) -> int:
         """Length of one result row for ``config``'s model."""
@@ -137,16 +145,16 @@ class Op:
 
 
 OP_TABLE: dict[str, Op] = {op.name: op for op in (
-    Op("sums", _op_sums, True, 1, None, lambda c: Sums.size(c, one_round=True)),  # θ -> one-round Sums.vec
-    # θ -> [Σ a2 | Σ (1 − a2)] (2h,); keeps the hidden layer for the backward round
-    Op("forward", _op_forward, True, 1, "activations", lambda c: 2 * c.n_hidden),
-    Op("backward", _op_backward, True, 2, None, lambda c: Sums.size(c, one_round=False)),  # s -> Sums.vec (s folded)
-    Op("average", _op_average, False, 1, None, lambda c: c.n_params + 1),  # θ -> [m·J_shard, m·∇J_shard]
+    Op("sums", _op_sums, True, None, None, lambda c: Sums.size(c, one_round=True)),  # θ -> one-round Sums.vec
+    # θ -> [Σ a2 | Σ (1 − a2)] (2h,); keeps the hidden layer and θ for the backward round
+    Op("forward", _op_forward, True, "activations", None, lambda c: 2 * c.n_hidden),
+    # s -> Sums.vec (s folded), from the forward round's hidden layer
+    Op("backward", _op_backward, True, None, "forward", lambda c: Sums.size(c, one_round=False)),
+    Op("average", _op_average, False, None, None, lambda c: c.n_params + 1),  # θ -> [m·J_shard, m·∇J_shard]
 )}
 # views of the table for the code that needs one fact
 OPS: dict[str, Callable[[ShardState, np.ndarray], np.ndarray]] = {k: op.run for k, op in OP_TABLE.items()}
 PER_BLOCK = {k for k, op in OP_TABLE.items() if op.per_block}  # exact: rows added along the summation tree
-ONE_ROUND = {k for k, op in OP_TABLE.items() if op.round == 1 and op.keeps is None}  # whose argument is θ itself
 
 
 def result_width(op: str, config: SAEConfig) -> int | None:
@@ -170,8 +178,8 @@ def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray
         raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     if not blocks:
         raise ProtocolError(f"{op}: no blocks to compute")
-    if op == "forward":
-        arg = np.array(arg)  # one copy of θ kept by every block for its backward round
+    if OP_TABLE[op].keeps:
+        arg = np.array(arg)  # one copy of θ kept by every block for the next round
     if op in PER_BLOCK:
         return np.stack([OPS[op](st, arg) for st in blocks])
     if len(blocks) == 1:

@@ -39,7 +39,7 @@ ERROR_LOG_SECONDS = 10.0  # the master's ERROR replies: a warning this often at 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, PER_BLOCK, Blocks, block_bounds, rows_of, tree
+    global np, __version__, ProtocolError, SAEConfig, OPS, OP_TABLE, PER_BLOCK, Blocks, block_bounds, rows_of, tree
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
     global SOURCE, STOP, MAX_RESULT_ROWS
     import numpy as np
@@ -54,7 +54,7 @@ def _load_numerics() -> None:
     from . import tree
     from .compute import Blocks, rows_of
     from .compute import bounds as block_bounds
-    from .reduce import OPS, PER_BLOCK
+    from .reduce import OP_TABLE, OPS, PER_BLOCK
     from .model import set_kernel
 
     set_kernel()  # numba's import and compile (1-2 s) before HELLO, not inside the first round
@@ -399,7 +399,7 @@ class Worker:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         if self.source is None:
             raise RuntimeError("EVAL before the data arrived: the worker holds no data")
-        if op == "forward":
+        if OP_TABLE[op].keeps:  # the next round's op may compute its state again: from this θ only
             self._theta, self._theta_of = np.array(arg), evaluation
         return op, arg, ids, evaluation
 
