@@ -185,3 +185,12 @@ class SSHServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def two_aliases(root: Path):
+    """A started server reachable as ``node1`` and ``node2`` (two "hosts" of a hosts file), for
+    a module-scoped fixture: ``yield from two_aliases(tmp_path_factory.mktemp("sshd"))``."""
+    require_sshd()
+    with SSHServer(root, alias="node1") as server:
+        server.add_alias("node2", IdentityFile=str(server.client_key), UserKnownHostsFile=str(server.known_hosts))
+        yield server

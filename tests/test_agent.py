@@ -19,7 +19,7 @@ from qsae.errors import ProtocolError
 from qsae.launch import LocalLauncher
 from qsae.protocol import HELLO, decode, encode
 
-from procs import alive, wait_gone
+from procs import alive, assert_back, stuttering, wait_gone
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,24 +152,8 @@ def test_an_agent_stopped_is_a_straggler(images, plain) -> None:
         master.scatter_images(images, m=M, seed=0)
         for _ in range(3):  # speeds measured: stragglers are told by their predicted time
             master(init_params(CFG))
-        victim = agent_pids(master)[0]
-        stop = threading.Event()
-
-        def stutter() -> None:
-            rng = np.random.default_rng(1)
-            while not stop.wait(float(rng.uniform(0.02, 0.2))):
-                os.kill(victim, signal.SIGSTOP)
-                time.sleep(float(rng.uniform(0.15, 0.35)))
-                os.kill(victim, signal.SIGCONT)
-
-        t = threading.Thread(target=stutter)
-        t.start()
-        try:
+        with stuttering(agent_pids(master)[0]):
             result = master.fit(init_params(CFG), maxiter=ITERS)
-        finally:
-            stop.set()
-            t.join()
-            os.kill(victim, signal.SIGCONT)
         assert master.n_workers == 2
         assert master.stats["backups"] >= 1, master.stats
     np.testing.assert_array_equal(costs(result), costs(plain))
@@ -191,12 +175,9 @@ def test_an_agent_stops_its_processes_on_sigterm(images) -> None:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    from tests.sshd import SSHServer, require_sshd
+    from tests.sshd import two_aliases
 
-    require_sshd()
-    with SSHServer(tmp_path_factory.mktemp("sshd"), alias="node1") as server:
-        server.add_alias("node2", IdentityFile=str(server.client_key), UserKnownHostsFile=str(server.known_hosts))
-        yield server
+    yield from two_aliases(tmp_path_factory.mktemp("sshd"))
 
 
 def test_a_hosts_file_starts_one_agent_per_host(sshd, tmp_path, images) -> None:
@@ -321,12 +302,7 @@ def test_a_hosts_link_cut_mid_run_then_restored(tmp_path, images) -> None:
                 result = master.fit(init_params(CFG), maxiter=ITERS, callback=cut_and_restore)
                 assert events == ["down", "up"]
                 assert inside.ident not in master._workers  # dropped while cut off
-                deadline = time.monotonic() + 30
-                while master.n_workers < 2 and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                assert master.n_workers == 2  # back
-                master(init_params(CFG))
-                assert all(w.blocks for w in master._workers.values())  # and given blocks
+                assert_back(master, 2, init_params(CFG))
         finally:
             for p in procs:
                 p.kill()

@@ -15,11 +15,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import browser
-from procs import alive, wait_gone
+from procs import wait_gone
 from qsae.dashboard import Dashboard, parse_address
 from qsae.errors import ConfigError
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import msgpack
 import numpy as np
@@ -15,6 +14,7 @@ import zmq
 from qsae import Master, SAEConfig, init_params
 from qsae.data import load_images
 from qsae.protocol import BLOCKS, EVAL, HELLO, PING, RESULT, SOURCE, VERSION, encode
+from tests.procs import stuttering
 
 pytestmark = pytest.mark.timeout(120)
 CFG = SAEConfig()
@@ -143,24 +143,8 @@ def test_stragglers_in_either_round_change_no_bit(images):
         master.scatter_images(images, m=M, seed=0)
         for _ in range(3):  # speeds measured: stragglers are told by their predicted time
             master(init_params(CFG))
-        victim = next(iter(master._workers.values())).pid
-        stop = threading.Event()
-
-        def stutter():
-            rng = np.random.default_rng(1)
-            while not stop.wait(float(rng.uniform(0.02, 0.2))):
-                os.kill(victim, signal.SIGSTOP)
-                time.sleep(float(rng.uniform(0.15, 0.35)))
-                os.kill(victim, signal.SIGCONT)
-
-        t = threading.Thread(target=stutter)
-        t.start()
-        try:
+        with stuttering(next(iter(master._workers.values())).pid):
             result = master.fit(init_params(CFG), maxiter=iters)
-        finally:
-            stop.set()
-            t.join()
-            os.kill(victim, signal.SIGCONT)
         assert master.n_workers == 3
         assert master.stats["backups of forward"] >= 1 and master.stats["backups of backward"] >= 1, master.stats
     assert result.nit == quiet.nit == iters

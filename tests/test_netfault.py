@@ -14,6 +14,7 @@ import pytest
 from qsae import Master, SAEConfig, init_params
 from qsae.data import load_images
 from qsae.keys import make_keys
+from tests.procs import assert_back
 from tests.sshd import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,12 +81,7 @@ def test_cut_link_mid_run_then_restore(netns, tmp_path):
             result = master.fit(init_params(CFG), maxiter=25, callback=cut_and_restore)
             assert [e for e, _ in events] == ["down", "up"]
             assert inside.ident not in master._workers  # dropped while cut off
-            deadline = time.monotonic() + 30
-            while master.n_workers < 3 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert master.n_workers == 3  # back
-            master(init_params(CFG))
-            assert all(w.blocks for w in master._workers.values())  # and given blocks
+            assert_back(master, 3, init_params(CFG))
     finally:
         for p in procs:
             p.kill()

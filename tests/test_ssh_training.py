@@ -16,7 +16,7 @@ from qsae.errors import LaunchError
 from qsae.launch import SSHLauncher, parse_hosts
 from qsae.model import cost_and_grad
 from qsae.optim import minimize
-from tests.sshd import SSHServer, require_sshd
+from tests.sshd import two_aliases
 from tests.procs import wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    require_sshd()
-    with SSHServer(tmp_path_factory.mktemp("sshd"), alias="node1") as server:
-        server.add_alias("node2", IdentityFile=str(server.client_key), UserKnownHostsFile=str(server.known_hosts))
-        yield server
+    yield from two_aliases(tmp_path_factory.mktemp("sshd"))
 
 
 def hosts_file(tmp_path, text):
