@@ -105,7 +105,7 @@ while d.poll(30000):
     else:
         msg = decode(frames)
         out = OPS["sums"](st, msg.arrays[0]) if mode == "compute" else vec
-        send(d, encode(RESULT, msg.round, [out[None, :]], ids=[0], nodes=[0], rows=10, seconds=0.0))
+        send(d, encode(RESULT, msg.round, [out[None, :]], spans=[0, 1], nodes=[0], rows=10, seconds=0.0))
 """
 
 
@@ -126,7 +126,7 @@ def ladder_step(mode: str, theta: np.ndarray, reducer, repeat: int) -> float:
         def scatter(op: str, arg: np.ndarray) -> list:
             rnd[0] += 1
             raw = mode in ("echo", "reply")
-            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op, ids=[0], evaluation=rnd[0])
+            frames = [b"header", arg] if raw else encode(EVAL, rnd[0], [arg], op=op, spans=[0, 1], evaluation=rnd[0])
             for ident in idents:
                 send(router, frames, prefix=(ident,))
             out = []
