@@ -208,7 +208,7 @@ def table_projection(images, cells: dict, agent: dict, check: bool) -> None:
         return float(np.interp(P, ps, [agent[p] for p in ps])) if P <= ps[-1] else agent[ps[-1]] * P / ps[-1]
 
     print("\n## 3. Projection: seconds per evaluation and speedup\n")
-    print(f"T(N) = compute per row × ⌈m/N⌉ + rounds × (master CPU(H) + agent CPU(P) + RTT) + H × bytes / bandwidth, "
+    print(f"T(N) = compute per row × ⌈m/N⌉ + master CPU(H, rounds) + rounds × (agent CPU(P) + RTT) + H × bytes / bandwidth, "
           f"with H = ⌈N/{CORES_PER_HOST}⌉ hosts of P = min(N, {CORES_PER_HOST}) processes; speedup = compute of m "
           f"rows on one core ÷ T(N).")
     print(f"Measured here: compute {1e6 * per_row['sums']:.2f} µs/row (one round), {1e6 * per_row['two']:.2f} µs/row "
