@@ -1,6 +1,6 @@
 """Two local workers against the in-process cost, and the round trip against a bare pyzmq echo.
 
-Run: python benchmarks/bench_runtime.py [--sizes 1000,10000,100000,1000000] [--repeat 7]
+Run: python benchmarks/bench_runtime.py [--sizes 1000,10000,100000,1000000] [--repeat 7] [--only crossover]
 
 Prints markdown tables, every figure measured in this run (best of N, one BLAS thread per
 process, random patches uniform in 0.1..0.9, the same θ everywhere):
@@ -8,7 +8,8 @@ process, random patches uniform in 0.1..0.9, the same θ everywhere):
 1. seconds per evaluation in process and with 2 workers for the exact protocol in one
    round and in two rounds and for the average protocol; speedups against in-process.
    Targets on 2 cores: ≥ 1.0 at 1K, ≥ 1.7 at 10K, ≥ 1.9 at 100K and 1M.
-2. one round against two by rows per shard: where ``ExactReducer.two_round_from`` belongs.
+2. one round against two (2 workers, 20K–1M patches, float64 and float32): why one round is
+   the default (``ExactReducer``).
 3. the round trip of one evaluation with tiny shards (2 workers × 10 rows) against a bare
    pyzmq ROUTER → 2 DEALER processes echo of the same θ (31 KB), target ≤ 1.3×; and where
    the microseconds go: the same path rebuilt step by step from the bare echo.
@@ -65,15 +66,33 @@ def scaling(master: Master, cfg: SAEConfig, theta: np.ndarray, sizes: list[int],
               flush=True)
 
 
-def crossover(master: Master, cfg: SAEConfig, theta: np.ndarray, repeat: int, rng) -> None:
-    print("\n| rows per shard (2 workers) | exact 1-round ms | exact 2-round ms | 2-round / 1-round |")
-    print("|---:|---:|---:|---:|")
-    for rows in (500, 1000, 2000, 3000, 5000, 10_000, 20_000):
-        master.scatter(rng.uniform(0.1, 0.9, size=(2 * rows, cfg.n_visible)))
-        rep = repeat * 10
-        t1 = timed(master, theta, make_reducer("exact", cfg, rounds=1), rep)
-        t2 = timed(master, theta, make_reducer("exact", cfg, rounds=2), rep)
-        print(f"| {rows} | {t1 * 1e3:.3f} | {t2 * 1e3:.3f} | {t2 / t1:.3f} |", flush=True)
+def crossover(cfg: SAEConfig, turns: int = 6) -> None:
+    """One round against two, 2 workers, patches cut from the built-in images: the median of
+    ``turns`` alternating turns of 9 evaluations (3 θ, 3 times) each, per size and dtype."""
+    from qsae.data import load_images
+
+    images = load_images()
+    thetas = [init_params(cfg, seed=s) for s in range(3)]
+    print("\n| patches | dtype | one round ms | two rounds ms | two / one |")
+    print("|---:|---:|---:|---:|---:|")
+    for dtype, sizes in (("float64", (20_000, 100_000, 1_000_000)), ("float32", (100_000, 1_000_000))):
+        for m in sizes:
+            with Master(workers=2, config=cfg, dtype=dtype) as master:
+                master.scatter_images(images, m=m, seed=0)
+                reducers = {r: make_reducer("exact", cfg, rounds=r) for r in (1, 2)}
+                got: dict[int, list[float]] = {1: [], 2: []}
+                for _ in range(turns):
+                    for r, reducer in reducers.items():
+                        master.reducer = reducer
+                        for theta in thetas:  # warm: blocks settled, processes awake
+                            master(theta)
+                        t0 = time.perf_counter()
+                        for _ in range(3):
+                            for theta in thetas:
+                                master(theta)
+                        got[r].append((time.perf_counter() - t0) / 9)
+            one, two = float(np.median(got[1])), float(np.median(got[2]))
+            print(f"| {m:,} | {dtype} | {one * 1e3:.1f} | {two * 1e3:.1f} | {two / one:.2f} |", flush=True)
 
 
 # A DEALER process for the ladder below: "echo" sends θ back; "reply" sends a RESULT-sized
@@ -197,16 +216,20 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated m")
     ap.add_argument("--repeat", type=int, default=7, help="timed evaluations per figure (best is kept)")
     ap.add_argument("--report", action="store_true", help="also run the report's 100K × 500-iteration workload")
+    ap.add_argument("--only", choices=("scaling", "crossover", "roundtrip"), help="one of the tables")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the insecure-run warning is expected here
     cfg = SAEConfig()
     theta = init_params(cfg, seed=0)
     rng = np.random.default_rng(0)
     print(f"# {machine()}; h={cfg.n_hidden}; best of {args.repeat}\n")
-    with Master(workers=2, config=cfg) as master:
-        scaling(master, cfg, theta, [int(s) for s in args.sizes.split(",")], args.repeat, rng)
-        crossover(master, cfg, theta, args.repeat, rng)
-    round_trip(cfg, theta, args.repeat)
+    if args.only in (None, "scaling"):
+        with Master(workers=2, config=cfg) as master:
+            scaling(master, cfg, theta, [int(s) for s in args.sizes.split(",")], args.repeat, rng)
+    if args.only in (None, "crossover"):
+        crossover(cfg)
+    if args.only in (None, "roundtrip"):
+        round_trip(cfg, theta, args.repeat)
     if args.report:
         report_workload(cfg)
 

@@ -62,10 +62,12 @@ def test_average_error_shrinks_as_shards_grow():
     assert errors[0] > errors[1] > errors[2] > 0
 
 
-def test_two_rounds_chosen_by_shard_size():
-    r = ExactReducer(SAEConfig(), two_round_from=1000)  # by the data set's rows, never per worker
-    assert r.rounds_for(999) == 1 and r.rounds_for(1000) == 2
-    assert ExactReducer(SAEConfig(), rounds=1).rounds_for(10**9) == 1
+def test_one_round_unless_two_are_asked_for():
+    """The run's choice, whatever the data set's size (it used to switch at 20,000 rows)."""
+    cfg = SAEConfig()
+    ops = lambda r, m: [op for op, _ in [next(r.steps(np.zeros(cfg.n_params), m))]]  # noqa: E731
+    assert ExactReducer(cfg).rounds == 1 and ops(ExactReducer(cfg), 10**9) == ["sums"]
+    assert ExactReducer(cfg, rounds=2).rounds == 2 and ops(ExactReducer(cfg, rounds=2), 10) == ["forward"]
 
 
 def test_backward_without_forward_is_refused(problem):
