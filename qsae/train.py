@@ -154,12 +154,12 @@ def lbfgs_limit(maxcor: int = LBFGS_MEMORY) -> int:
 
 
 def memory_needed(config: SAEConfig, m: int, dtype: str = "float64", method: str = "lbfgs",
-                  workers: int | None = None) -> tuple[int, int]:
+                  workers: int | None = None, rounds: int = 1) -> tuple[int, int]:
     """(bytes per worker, bytes on the master) a run needs at least, from the sizes alone.
 
     A worker (``workers`` of them; None: the cost is computed in this process) holds its share
-    of the m rows (n values each) and, between the exact protocol's two rounds, their hidden
-    activations (h + 1 values each), besides ``WORKER_BASELINE``. In this process (``--local``,
+    of the m rows (n values each) and, with the exact protocol in two ``rounds``, their hidden
+    activations between the rounds (h + 1 values each), besides ``WORKER_BASELINE``. In this process (``--local``,
     and SGD's sampler) the patches are built in float64 and then cast. The optimizer keeps
     vectors of θ: L-BFGS 2·maxcor + 5 of them, CG and SGD about 5.
     """
@@ -173,7 +173,8 @@ def memory_needed(config: SAEConfig, m: int, dtype: str = "float64", method: str
         master += m * n * 8 + (m * n * size if size != 8 else 0) + m * (h + 1) * size
     per_worker = 0
     if workers:
-        per_worker = WORKER_BASELINE + sigma + -(-m // workers) * (n + h + 1) * size
+        kept = h + 1 if rounds == 2 else 0
+        per_worker = WORKER_BASELINE + sigma + -(-m // workers) * (n + kept) * size
     return per_worker, master
 
 

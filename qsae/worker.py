@@ -365,7 +365,9 @@ class Worker:
         return out
 
     def _check_memory(self, ids: list) -> None:
-        """Refuse blocks this host cannot hold (rows and kept activations) before cutting them."""
+        """Refuse blocks this host cannot hold before cutting them: their rows (a two-round
+        run's hidden layer kept between the rounds, 0.48 of them more, is the master's check:
+        ``train.check_size``; this worker does not know the rounds)."""
         from .errors import ConfigError
 
         src = self.source
@@ -377,7 +379,7 @@ class Worker:
         held = self.store.held
         rows = sum(st.m for st in held.values()) + sum(
             hi - lo for lo, hi in (block_bounds(self.source, b) for b in ids if b not in held))
-        need = rows * (cfg.n_visible + cfg.n_hidden + 1) * src["dtype"].itemsize
+        need = rows * cfg.n_visible * src["dtype"].itemsize
         if need > total:
             raise ConfigError(f"{rows:,} rows of {cfg.n_visible} values in {src['dtype']} need about "
                               f"{need / 2**30:,.1f} GiB on this worker, but its host has {total / 2**30:,.1f} GiB of "
