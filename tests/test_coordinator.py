@@ -208,3 +208,25 @@ def test_a_result_of_another_model_drops_its_worker_and_the_round_runs_again():
     assert k.c.tick(k.now) == [] and k.c.end_round() is None  # b's blocks are not covered: lost
     k.settle()
     assert k.held() == {a: list(range(B))}
+
+
+@pytest.mark.parametrize("bad", ["leaves", "past the end", "out of order"])
+def test_a_result_whose_nodes_are_not_its_ranges_is_refused(bad):
+    """A RESULT must send the tree nodes its ranges make (checked over the ranges, not the
+    blocks): rows of other nodes, ranges past the data set or nodes out of order drop the
+    worker, and the round is not added up from them."""
+    k = Cluster()
+    k.settle()
+    sends = k.c.begin_round("sums", np.ones(CFG.n_params), k.now)
+    r = sends[0].round
+    (a, ida), _ = k.held().items()
+    lo, hi = ida[0], ida[-1] + 1
+    nodes = {"leaves": [(0, b) for b in ida],  # one row per block where fewer nodes cover them
+             "past the end": tree.cover(ida, B),
+             "out of order": [(0, lo + 1), (0, lo)]}[bad]
+    spans = {"leaves": [lo, hi], "past the end": [lo, hi + B], "out of order": [lo, lo + 2]}[bad]
+    rows = np.ones((len(nodes), k.width))
+    k.feed(a, msg(RESULT, r, [rows], spans=spans, nodes=[tree.code(n) for n in nodes], rows=BLOCK * len(ida),
+                  seconds=0.01))
+    assert a not in k.c.workers  # dropped: its blocks go to the others
+    assert k.c.tick(k.now) == [] and not k.c.waiting and k.c.end_round() is None  # the round is lost
