@@ -531,19 +531,24 @@ def test_local_workers_in_own_session_ctrl_c(standin, tmp_path):
         from qsae.launch import LocalLauncher
         launcher = LocalLauncher(2, args=[{str(standin)!r}])
         launcher.start("tcp://127.0.0.1:1", {{"bye_on_term": True}})
-        print("PIDS", *launcher.pids, flush=True)
+        def say(*words):  # one write a line: the launcher logs its workers' lines from another thread
+            sys.stdout.write(" ".join(map(str, words)) + "\\n")
+            sys.stdout.flush()
+        say("PIDS", *launcher.pids)
         try:
             time.sleep(60)
         except KeyboardInterrupt:
             launcher.stop()
-            print("CODES", *launcher.wait(5), flush=True)
+            say("CODES", *launcher.wait(5))
     """)
     # the master leads its own process group, as a shell's foreground job does
     proc = subprocess.Popen([sys.executable, "-c", master], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("PIDS"), line
+        while not line.startswith("PIDS"):  # past the launcher's own log lines
+            assert line, "the master ended before it printed its workers' pids"
+            line = proc.stdout.readline()
         pids = [int(x) for x in line.split()[1:]]
         for pid in pids:
             assert os.getsid(pid) == pid != os.getsid(proc.pid), "each worker leads a session of its own"
