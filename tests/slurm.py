@@ -202,6 +202,14 @@ class SlurmCluster:
         """Ids of the jobs in the queue."""
         return self.run(["squeue", "-h", "-o", "%i"]).stdout.split()
 
+    def drained(self, seconds: float = 15.0) -> list[str]:
+        """Wait up to ``seconds`` for the queue to empty; the jobs still in it, with their state.
+        A job whose salloc or sbatch --wait has returned may still be COMPLETING for a moment."""
+        deadline = time.monotonic() + seconds
+        while self.jobs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return [line for line in self.run(["squeue", "-h", "-o", "%i %T"]).stdout.splitlines() if line.strip()]
+
     def steps(self) -> list[str]:
         """``JOB.STEP NAME`` of every job step that runs."""
         return [line for line in self.run(["squeue", "-s", "-h", "-o", "%i %j"]).stdout.splitlines() if line.strip()]
@@ -222,9 +230,7 @@ class SlurmCluster:
                 jobs = self.jobs()
                 if jobs:
                     self.run(["scancel", *jobs], check=False)
-                    deadline = time.monotonic() + 15
-                    while self.jobs() and time.monotonic() < deadline:
-                        time.sleep(0.2)
+                    self.drained()
             except (subprocess.SubprocessError, OSError):
                 pass
         for name in ("slurmd", "slurmctld", "munged"):  # clients of munge first

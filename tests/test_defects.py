@@ -577,10 +577,7 @@ def test_6_a_slurm_job_told_to_stop_saves_its_run(slurm_cluster, tmp_path, how):
             time.sleep(0.2)
         assert len(history_of(run_dir)) >= 3, log.read_text() if log.exists() else "no log"
         cluster.run(["scancel", *how, job])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and cluster.jobs():
-            time.sleep(0.2)
-        assert cluster.jobs() == []
+        assert cluster.drained(60) == []
     finally:
         cluster.run(["scancel", job], check=False)
     text = log.read_text()

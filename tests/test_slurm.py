@@ -138,7 +138,7 @@ def test_slurm_training_equals_local_and_leaves_nothing(cluster, tmp_path):
     assert max(abs(a - b) for a, b in zip(out["slurm"], out["local"])) <= 1e-10 * abs(out["local"][0])
     assert out["procs"] == [] and out["steps"] == [], "every worker process and srun step ended"
     assert out["failures"] == [] and None not in out["codes"]
-    assert cluster.jobs() == []
+    assert cluster.drained() == []
 
 
 def test_slurm_add_and_keys_on_stdin(cluster, tmp_path):
@@ -204,7 +204,7 @@ def test_cli_slurm(cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len((run / "history.jsonl").read_text().splitlines()) == 11
     assert (run / "model.npz").exists()
-    assert cluster.jobs() == []
+    assert cluster.drained() == []
 
 
 @pytest.mark.parametrize("other", [["--local"], ["--hosts", "hosts/localhost.txt"]])
@@ -243,4 +243,4 @@ def test_example_sbatch_script(cluster, tmp_path):
     log = tmp_path / f"qsae-{job}.log"
     assert r.returncode == 0, (r.stderr, log.read_text() if log.exists() else "no log")
     assert len((tmp_path / "runs" / job / "history.jsonl").read_text().splitlines()) == 6, log.read_text()
-    assert cluster.jobs() == []
+    assert cluster.drained() == []
