@@ -386,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, "text/html; charset=utf-8", _page(board), body)
         if url.path == "/state.json":
             since, after = (query.get("since") or ["0"])[0], (query.get("events") or ["0"])[0]
-            if not (since.isdigit() and after.isdigit()) or len(since) > 9 or len(after) > 9:
+            if not all(v.isascii() and v.isdigit() and len(v) <= 9 for v in (since, after)):  # "²" is a digit too
                 return self._error(HTTPStatus.BAD_REQUEST, "since= and events= take whole numbers (lines and "
                                                            "events the page has)")
             data = json.dumps(board.state(int(since), int(after)), separators=(",", ":")).encode()

@@ -148,6 +148,8 @@ def test_malformed_requests_get_4xx_and_the_run_goes_on(run):
         b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n": b"414",
         b"GET /state.json?since=-1&token=" + token.encode() + b" HTTP/1.1\r\n\r\n": b"400",
         b"GET /state.json?since=99999999999&token=" + token.encode() + b" HTTP/1.1\r\n\r\n": b"400",
+        b"GET /state.json?since=%C2%B2&token=" + token.encode() + b" HTTP/1.1\r\n\r\n": b"400",  # '²': isdigit()
+        b"GET /state.json?events=%D9%A3&token=" + token.encode() + b" HTTP/1.1\r\n\r\n": b"400",  # Arabic-Indic 3
         b"GET /../../etc/passwd?token=" + token.encode() + b" HTTP/1.1\r\n\r\n": b"404",
         b"\x00\xff\x16\x03\x01" * 20 + b"\r\n\r\n": b"400",
     }
