@@ -168,7 +168,7 @@ class Blocks:
         if evaluation != self.evaluation:  # a new θ: the backup blocks cut for the last one go
             self.extra = {b: st for b, st in self.extra.items() if b in ids}
             self.evaluation = evaluation
-        first = OP_TABLE[op].after if op in OP_TABLE else None
+        first = OP_TABLE[op].after  # a second round: needs the first round's state of each block
         out = []
         for b in ids:
             st = self.held.get(b) or self.extra.get(b)

@@ -328,7 +328,7 @@ class Master:
 
     def _evaluate(self, theta: np.ndarray) -> tuple[float, np.ndarray] | None:
         """One evaluation: the reducer's rounds, each scattered; None when one was lost."""
-        steps = self.reducer.steps(theta, self.layout.m)
+        steps = self.reducer.steps(theta)
         replies = None
         while True:
             try:

@@ -16,18 +16,19 @@ Reducers:
   one round, ``sums``: each shard returns Σ f'xᵀ and Σ f' too (one extra h×n product);
   two rounds, ``forward`` then ``backward``: Σ a2 first, then the sparsity delta s is sent
   and folded into the backward pass (the shard keeps its activations between the rounds).
-  One round is the default, for every data set: with the fused kernels it computes as fast
-  as two (2 workers, float64: equal at 100K and 1M patches, 13% faster at 20K; float32: 13%
-  faster at 100K, 5% slower at 1M), it is one round trip, and it keeps nothing between
+  One round is the default, for every data set: with the fused kernels it computes about as
+  fast as two (on 2 workers two rounds took 0.95–1.18× its time from 20K to 1M patches,
+  ``benchmarks/bench_runtime.py --only crossover``), it is one round trip, and it keeps nothing between
   rounds (two keep each block's hidden layer, 0.48 of the rows in memory). ``rounds=2``
   chooses two for a run. The two round differently, so the choice is the run's, never
   anything membership changes.
 * ``average`` — the report's ParallelAvgCostFunction: each shard uses its own firing
   rates p_j, and shard results are weighted by their sizes. An approximation.
 
-Each op is one record in ``OP_TABLE`` (``Op``: its worker side, result width, round and what
-a worker keeps); ``OPS`` and ``PER_BLOCK`` are views of it. To add a reducer: register its
-worker side as an ``Op`` (if the existing ones do not serve), subclass ``Reducer`` with a ``name`` and ``evaluate``, and add it to
+Each op is one record in ``OP_TABLE`` (``Op``: its worker side, result width, what a worker
+keeps for the next round and which earlier op's state it needs); ``OPS`` and ``PER_BLOCK``
+are views of it. To add a reducer: register its worker side as an ``Op`` (if the existing
+ones do not serve), subclass ``Reducer`` with a ``name`` and ``steps``, and add it to
 ``REDUCERS``.
 """
 
@@ -70,7 +71,6 @@ __all__ = [
 ]
 
 Scatter = Callable[[str, np.ndarray], "list[tuple[int, np.ndarray]]"]
-
 
 
 class ShardState:
@@ -130,11 +130,6 @@ class Op:
     after: str | None  # the op of the round before whose kept state this one uses (computed again
     #                    from that round's θ where a block lacks it: a backup, a respawned process)
     width_of: Callable[[SAEConfig], int]  # length of one result row
-
-    @property
-    def round(self) -> int:
-        """Which round of its evaluation: 2 for an op that needs an earlier one's state, else 1."""
-        return 2 if self.after else 1
 
     def width(self, config: SAEConfig) -> int:
         """Length of one result row for ``config``'s model."""
@@ -214,12 +209,12 @@ class Reducer(ABC):
         self.config = config
 
     @abstractmethod
-    def steps(self, theta: np.ndarray, m: int = 0) -> Steps:
-        """The rounds of one evaluation at θ; ``m``: rows of the data set."""
+    def steps(self, theta: np.ndarray) -> Steps:
+        """The rounds of one evaluation at θ."""
 
-    def evaluate(self, theta: np.ndarray, scatter: Scatter, m: int = 0) -> tuple[float, np.ndarray]:
-        """Cost and gradient at θ, computed through ``scatter``; ``m``: rows of the data set."""
-        gen = self.steps(theta, m)
+    def evaluate(self, theta: np.ndarray, scatter: Scatter) -> tuple[float, np.ndarray]:
+        """Cost and gradient at θ, computed through ``scatter``."""
+        gen = self.steps(theta)
         replies = None
         while True:
             try:
@@ -240,8 +235,8 @@ class ExactReducer(Reducer):
             raise ConfigError(f"rounds={rounds!r}: the exact protocol takes 1 or 2 rounds (None: the default, 1)")
         self.rounds = rounds or 1
 
-    def steps(self, theta: np.ndarray, m: int = 0) -> Steps:
-        """Cost and gradient at θ; ``m``: rows of the data set."""
+    def steps(self, theta: np.ndarray) -> Steps:
+        """Cost and gradient at θ, in the run's rounds."""
         cfg = self.config
         if self.rounds == 1:
             total = _add((yield "sums", theta))
@@ -258,7 +253,7 @@ class AverageReducer(Reducer):
 
     name = "average"
 
-    def steps(self, theta: np.ndarray, m: int = 0) -> Steps:
+    def steps(self, theta: np.ndarray) -> Steps:
         replies = yield "average", theta
         m = sum(k for k, _ in replies)
         v = sum(vec for _, vec in replies) / m

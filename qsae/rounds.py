@@ -177,14 +177,10 @@ class Round:
         """The blocks of ``worker`` nobody has answered yet, in order (a group's: all or none)."""
         spans = self.assignment.get(worker, [])
         if not self.per_block:
-            return [] if tuple(spans) in self.results else _blocks_list(spans)
-        return [b for b in _blocks_list(spans) if b not in self.covered]
+            return [] if tuple(spans) in self.results else tree.blocks_of(spans)
+        return [b for b in tree.blocks_of(spans) if b not in self.covered]
 
 
 def _blocks(spans: list[Span]) -> set[int]:
     """The set of blocks in ``spans``, built in C."""
     return set().union(*(range(lo, hi) for lo, hi in spans))
-
-
-def _blocks_list(spans: list[Span]) -> list[int]:
-    return [b for lo, hi in spans for b in range(lo, hi)]

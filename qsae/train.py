@@ -159,8 +159,8 @@ def memory_needed(config: SAEConfig, m: int, dtype: str = "float64", method: str
 
     A worker (``workers`` of them; None: the cost is computed in this process) holds its share
     of the m rows (n values each) and, with the exact protocol in two ``rounds``, their hidden
-    activations between the rounds (h + 1 values each), besides ``WORKER_BASELINE``. In this process (``--local``,
-    and SGD's sampler) the patches are built in float64 and then cast. The optimizer keeps
+    activations between the rounds (h + 1 values each), besides ``WORKER_BASELINE``. In this
+    process (``--local``, and SGD's sampler) the patches are built in float64 and then cast. The optimizer keeps
     vectors of θ: L-BFGS 2·maxcor + 5 of them, CG and SGD about 5.
     """
     n, h = config.n_visible, config.n_hidden

@@ -33,7 +33,8 @@ import numpy as np
 
 from .errors import ProtocolError
 
-__all__ = ["Node", "depth", "root", "span", "cover", "runs", "cover_runs", "count", "flat", "pairs", "blocks_of", "node_runs", "value", "fold", "code", "decode", "check_cover"]
+__all__ = ["Node", "depth", "root", "span", "cover", "runs", "cover_runs", "count", "flat", "pairs", "blocks_of",
+           "node_runs", "value", "fold", "code", "decode", "check_cover"]
 
 Node = tuple[int, int]  # (level, index): blocks [index·2^level, (index+1)·2^level) ∩ [0, B)
 LEVEL_BITS = 5  # levels 0..31 in a node's wire code: 2^31 blocks, far past placement.MAX_BLOCKS
