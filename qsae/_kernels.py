@@ -22,19 +22,20 @@ numba is a dependency of qsae; select with ``QSAE_KERNEL=numba|numpy`` or
 from __future__ import annotations
 
 import numba
+import numpy as np
 
-__all__ = ["output_delta", "hidden_delta", "sigmoid_of_exp", "activate", "rate_sums", "shift_clip"]
+__all__ = ["output_delta", "hidden_delta", "sigmoid_of_exp", "activate", "rate_sums", "shift_clip", "finish"]
 
 _FLAGS = dict(error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"}, nogil=True, boundscheck=False)
 
 
-def _jit(sigs):
-    """numba.njit with ``_FLAGS``, cached on disk where a cache folder is writable."""
+def _jit(sigs, flags: dict = _FLAGS):
+    """numba.njit with ``flags``, cached on disk where a cache folder is writable."""
     def deco(fn):
         try:
-            return numba.njit(sigs, cache=True, **_FLAGS)(fn)
+            return numba.njit(sigs, cache=True, **flags)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available": compile without a cache
-            return numba.njit(sigs, cache=False, **_FLAGS)(fn)
+            return numba.njit(sigs, cache=False, **flags)(fn)
     return deco
 
 
@@ -131,3 +132,48 @@ def shift_clip(u, B, cap):  # pragma: no cover (compiled)
         elif v > cap:
             v = cap
         uf[i] = v
+
+
+def _finish_sigs() -> list:
+    """θ and the summed vector may each be read-only (a zmq frame, a memory-mapped model)."""
+    f8 = numba.float64
+    rw, ro = numba.types.Array(f8, 1, "C"), numba.types.Array(f8, 1, "C", readonly=True)
+    return [f8(t, v, f8, numba.int64, numba.int64, f8, f8, f8, f8, numba.boolean, rw)
+            for t in (rw, ro) for v in (rw, ro)]
+
+
+# the master's reduce: no fastmath (each element computed as the numpy path computes it)
+@_jit(_finish_sigs(), dict(error_model="numpy", nogil=True, boundscheck=False))
+def finish(theta, v, m, h, n, lam, beta, rho, floor, one_round, grad):  # pragma: no cover (compiled)
+    """``model.finish_sums`` in one call: the cost from the summed vector ``v`` of ``m`` rows
+    (``Sums.vec``) and θ; the gradient into ``grad`` (n_params,). With ``one_round`` the
+    sparsity delta is applied here from Σ f'xᵀ and Σ f' (else the shards folded it in).
+    Elementwise the numpy path's operations in its order (same bits); the two sums (Σ W², the
+    KL terms) are added in order, not pairwise."""
+    nw = 2 * h * n
+    P = nw + h + n
+    ww = 0.0
+    for i in range(nw):
+        w = theta[i]
+        ww += w * w
+        grad[i] = v[i] / m + lam * w
+    for i in range(nw, P):
+        grad[i] = v[i] / m
+    cost = v[P] / (2.0 * m) + 0.5 * lam * ww
+    kl = 0.0
+    r1 = 1.0 - rho
+    for j in range(h):
+        p = v[P + 1 + j] / m
+        q = v[P + 1 + h + j] / m
+        if p < floor:  # comparisons, not max: NaN stays NaN
+            p = floor
+        if q < floor:
+            q = floor
+        kl += rho * np.log(rho / p) + r1 * np.log(r1 / q)
+        if one_round:
+            sm = beta * (-rho / p + r1 / q) / m
+            fx = P + 1 + 2 * h + j * n
+            for i in range(n):
+                grad[j * n + i] += sm * v[fx + i]
+            grad[nw + j] += sm * v[P + 1 + 2 * h + h * n + j]
+    return cost + beta * kl

@@ -358,6 +358,38 @@ def test_kernel_paths_agree(kernel_path):
             assert np.linalg.norm(g - r) <= tol * np.linalg.norm(r)
 
 
+def test_finish_kernel_equals_the_numpy_path(kernel_path):
+    """The master's reduce in one compiled call: the gradient's bits are the numpy path's, the
+    cost within an ulp or two (its two sums are added in another order); NaN still
+    propagates; read-only inputs (zmq frames) are taken; a vector of another length is
+    refused as the numpy path refuses it."""
+    from qsae.model import _finish_sums
+
+    cfg = SAEConfig.report()
+    theta, X = problem(cfg, 300)
+    for one_round in (True, False):
+        s = None if one_round else sparsity_delta(hidden_sums(hidden_exp(theta, X, cfg), cfg) / 300, cfg)
+        total = (shard_sums(theta, X[:140], cfg) + shard_sums(theta, X[140:], cfg) if one_round else
+                 backward(theta, X, hidden_exp(theta, X, cfg), s, cfg))
+        c, g = finish_sums(theta, total, cfg, s_folded=not one_round)
+        c_ref, g_ref = _finish_sums(theta, total, cfg, s_folded=not one_round)
+        assert np.array_equal(g, g_ref)
+        assert c == pytest.approx(c_ref, rel=4e-16, abs=0)
+        assert c == pytest.approx(textbook(theta, X, cfg)[0], rel=1e-12)
+        frozen_theta, frozen = theta.copy(), total.vec.copy()
+        frozen_theta.setflags(write=False)
+        frozen.setflags(write=False)
+        assert finish_sums(frozen_theta, Sums(total.m, frozen), cfg, s_folded=not one_round)[0] == c
+        bad = total.vec.copy()
+        bad[cfg.n_params + 1] = np.nan  # a firing rate: the KL term and (one round) the delta
+        c_nan, g_nan = finish_sums(theta, Sums(total.m, bad), cfg, s_folded=not one_round)
+        assert np.isnan(c_nan) and np.isnan(g_nan).any() == one_round
+    with pytest.raises(ValueError):
+        finish_sums(theta, Sums(300, total.vec[:-5]), cfg, s_folded=True)
+    with pytest.raises(ConfigError, match=r"θ has shape \(10,\)"):
+        finish_sums(theta[:10], total, cfg, s_folded=True)
+
+
 def test_kernel_from_the_environment(monkeypatch):
     monkeypatch.setenv("QSAE_KERNEL", "numpy")
     assert set_kernel() == "numpy" and kernel() == "numpy"
