@@ -30,7 +30,7 @@ import numpy as np
 from . import tree
 from .compute import DROP as C_DROP
 from .compute import EVAL as C_EVAL
-from .compute import ERR, HOLD, Child, read, rows_of, spawn, write
+from .compute import ERR, HOLD, Child, read, rows_in, spawn, write
 from .compute import bounds as block_bounds
 from .errors import ProtocolError, WorkerError
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
@@ -265,5 +265,5 @@ class Agent(Worker):
             spans = tree.node_runs(part, B)
             self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], spans=tree.flat(spans),
                       nodes=[tree.code(n) for n in part],
-                      rows=rows_of(tree.blocks_of(spans), self.source["m"], self.source["block_rows"]),
+                      rows=rows_in(spans, self.source["m"], self.source["block_rows"]),
                       seconds=seconds)

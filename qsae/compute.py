@@ -42,7 +42,7 @@ from .errors import ProtocolError
 from .protocol import ALLOWED_DTYPES
 from .reduce import OP_TABLE, OPS, PER_BLOCK, ShardState, run_blocks
 
-__all__ = ["HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR", "Child", "spawn", "write", "read", "rows_of", "Blocks"]
+__all__ = ["HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR", "Child", "spawn", "write", "read", "rows_of", "rows_in", "Blocks"]
 
 HOLD, DROP, EVAL, READY, ROWS, ERR = "HOLD", "DROP", "EVAL", "READY", "ROWS", "ERR"
 _LEN = struct.Struct("<Q")  # every frame is preceded by its length
@@ -107,6 +107,11 @@ def rows_of(ids: Sequence[int], m: int, block_rows: int) -> int:
     """Rows in blocks ``ids`` of a data set of ``m`` rows: every block is full but the last."""
     last = -(-m // block_rows) - 1
     return len(ids) * block_rows - (last + 1) * block_rows + m if last in ids else len(ids) * block_rows
+
+
+def rows_in(spans: Sequence[tuple[int, int]], m: int, block_rows: int) -> int:
+    """``rows_of`` the blocks of ``spans`` (ranges [lo, hi) of block ids), without listing them."""
+    return sum(min(hi * block_rows, m) - lo * block_rows for lo, hi in spans)
 
 
 # ---------------------------------------------------------------------- the blocks a process holds

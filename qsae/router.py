@@ -30,6 +30,7 @@ __all__ = ["Router", "MAX_DRAIN"]
 log = logging.getLogger("qsae.master")
 
 MAX_DRAIN = 1000  # messages handled per poll before the coordinator checks its deadlines again
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: ``int & zmq.POLLIN`` builds a PollEvent each time
 
 
 def _max_inbound(config: SAEConfig, max_rows: int) -> int:
@@ -112,7 +113,7 @@ class Router:
             # drain what is queued, boundedly (a flood must not starve the deadline checks);
             # EVENTS instead of NOBLOCK + zmq.Again saves raising an exception a message
             for _ in range(MAX_DRAIN):
-                if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                if not sock.get(_EVENTS) & _POLLIN:
                     break
                 frames = sock.recv_multipart(copy=False)
                 ident = frames[0].bytes

@@ -39,7 +39,7 @@ ERROR_LOG_SECONDS = 10.0  # the master's ERROR replies: a warning this often at 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, OP_TABLE, PER_BLOCK, Blocks, block_bounds, rows_of, tree
+    global np, __version__, ProtocolError, SAEConfig, OPS, OP_TABLE, PER_BLOCK, Blocks, block_bounds, rows_in, tree
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
     global SOURCE, STOP, MAX_RESULT_ROWS
     import numpy as np
@@ -52,7 +52,7 @@ def _load_numerics() -> None:
         STOP, decode, encode, send,
     )
     from . import tree
-    from .compute import Blocks, rows_of
+    from .compute import Blocks, rows_in
     from .compute import bounds as block_bounds
     from .reduce import OP_TABLE, OPS, PER_BLOCK
     from .model import set_kernel
@@ -412,7 +412,7 @@ class Worker:
         op, arg, ids, evaluation = self._begin_eval(msg)
         theta = self._theta if self._theta_of == evaluation else None  # backward: never an older θ's
         src = self.source
-        rows = rows_of(ids, src["m"], src["block_rows"])
+        rows = rows_in(tree.pairs(msg["spans"]), src["m"], src["block_rows"])
         t0 = time.perf_counter()
         if rows * src["config"].n_visible * src["config"].n_hidden <= INLINE_WORK:
             codes, out = self.store.evaluate(op, ids, evaluation, arg, theta)
@@ -427,7 +427,7 @@ class Worker:
             part = codes[lo:lo + MAX_RESULT_ROWS]
             spans = tree.node_runs([tree.decode(c, B) for c in part], B)
             self.send(RESULT, msg.round, [out[lo:lo + MAX_RESULT_ROWS]], spans=tree.flat(spans), nodes=part,
-                      rows=rows_of(tree.blocks_of(spans), src["m"], src["block_rows"]), seconds=seconds)
+                      rows=rows_in(spans, src["m"], src["block_rows"]), seconds=seconds)
 
     def _in_thread(self, fn, *args):
         """Run fn(*args) in a thread, sending PINGs (busy) while it runs."""

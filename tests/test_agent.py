@@ -61,6 +61,25 @@ def test_split_gives_contiguous_runs() -> None:
     assert split([], 2) == [[], []]
 
 
+def test_rows_of_ranges_equal_rows_of_their_blocks() -> None:
+    """The rows a RESULT reports, from its ranges (``rows_in``) as from its block ids: the
+    last block may be short; ranges with and without it, of data sets with and without a short one."""
+    from qsae import tree
+    from qsae.compute import rows_in, rows_of
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        block_rows = int(rng.integers(1, 9))
+        m = int(rng.integers(1, 200))
+        B = -(-m // block_rows)
+        ids = sorted(set(rng.integers(0, B, size=int(rng.integers(0, B + 1))).tolist()))
+        if rng.random() < 0.3:
+            ids = sorted(set(ids) | {B - 1})
+        spans = tree.runs(ids)
+        assert rows_in(spans, m, block_rows) == rows_of(ids, m, block_rows) == sum(
+            min((b + 1) * block_rows, m) - b * block_rows for b in ids)
+
+
 def test_hello_procs_is_optional_and_checked() -> None:
     base = dict(name="a", host="h", pid=1, cores=4, version="x", blas="")
     assert "procs" not in decode(encode(HELLO, **base)).fields
