@@ -6,7 +6,8 @@ differs from the same cost with 1 thread in its 8th digit. qsae promises that a 
 θ, the data and the BLAS kernel only — not on the caller's thread setting — so every public
 function of ``qsae.model`` that calls BLAS runs under :func:`pinned`: the BLAS libraries of this
 process use ``threads()`` threads (1 unless ``set_threads`` said otherwise) while it runs, and
-get their own setting back after.
+get their own setting back after. A pinned function called by another (a worker's blocks, each
+block's passes) is not checked again: the outermost call checked for all of them.
 
 The model's products are cut into row chunks under OpenBLAS's small-matrix size, which it
 runs on one thread anyway on most kernels, so one thread costs no speed (workers are one
@@ -28,6 +29,7 @@ F = TypeVar("F", bound=Callable)
 _threads = 1  # BLAS threads of qsae's arithmetic: one process per core, and bits that do not move
 _controllers: list | None = None  # threadpoolctl's per-library controllers, found once numpy is loaded
 _lock = threading.Lock()  # the thread count is process-wide: one setter at a time
+_inside = threading.local()  # depth > 0 in a thread running a pinned function: the count is set already
 
 
 def threads() -> int:
@@ -61,18 +63,24 @@ def pinned(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if getattr(_inside, "depth", 0):  # called by a pinned function: checked there, once for all its calls
+            return fn(*args, **kwargs)
         want = _threads
         changed = [(c, n) for c in _blas_controllers() if (n := c.get_num_threads()) != want]
-        if not changed:
-            return fn(*args, **kwargs)
-        with _lock:
-            for c, _ in changed:
-                c.set_num_threads(want)
-            try:
+        _inside.depth = 1
+        try:
+            if not changed:
                 return fn(*args, **kwargs)
-            finally:
-                for c, n in changed:
-                    c.set_num_threads(n)
+            with _lock:
+                for c, _ in changed:
+                    c.set_num_threads(want)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    for c, n in changed:
+                        c.set_num_threads(n)
+        finally:
+            _inside.depth = 0
 
     return run  # type: ignore[return-value]
 

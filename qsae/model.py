@@ -35,8 +35,10 @@ Everything here is pure numpy on arrays; nothing knows about sockets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import NamedTuple
@@ -311,17 +313,12 @@ def forward(theta: np.ndarray, X: np.ndarray, config: SAEConfig) -> np.ndarray:
 def _hidden(theta: np.ndarray, X: np.ndarray, config: SAEConfig, activate: bool) -> np.ndarray:
     """e^−z (``hidden_exp``), or σ(z) with ``activate`` (``forward``), over spans of a few chunks."""
     X = _check_X(X, config)
-    W1, _, b1, _ = unpack(theta, config)
-    m, n, h, dt = X.shape[0], config.n_visible, config.n_hidden, X.dtype
-    nW1T = np.zeros((n, h + 1), dtype=dt)  # −[W1ᵀ | 0]
-    nW1T[:, :h] = -W1.T
-    b1x = np.empty(h + 1, dtype=dt)  # [b1 | +∞]
-    b1x[:h], b1x[h] = b1, np.inf
-    U = np.empty((m, h + 1), dtype=dt)
+    m, h, dt = X.shape[0], config.n_hidden, X.dtype
     rows = chunk_rows(config)
     span = rows * FORWARD_CHUNKS
+    nW1T, B1 = _derived(theta, config, dt, "hidden", _hidden_weights)
+    U = np.empty((m, h + 1), dtype=dt)
     nb, one, cap = _compiled(), dt.type(1), dt.type(z_cap(dt))
-    B1 = np.tile(b1x, (min(span, m), 1))  # b1 on every row: a same-shape subtraction is 2× faster than broadcasting
     for lo in range(0, m, span):
         u = U[lo : lo + span]
         for b in range(lo, min(lo + span, m), rows):
@@ -342,6 +339,50 @@ def _hidden(theta: np.ndarray, X: np.ndarray, config: SAEConfig, activate: bool)
     return U
 
 
+def _hidden_weights(theta: np.ndarray, config: SAEConfig, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """−[W1ᵀ | 0] (n, h + 1) and [b1 | +∞] on every row of a span of chunks (a same-shape
+    subtraction is 2× faster than broadcasting), in ``dt``: what ``_hidden`` multiplies by."""
+    W1, _, b1, _ = unpack(theta, config)
+    n, h = config.n_visible, config.n_hidden
+    nW1T = np.zeros((n, h + 1), dtype=dt)
+    nW1T[:, :h] = -W1.T
+    b1x = np.empty(h + 1, dtype=dt)
+    b1x[:h], b1x[h] = b1, np.inf
+    return nW1T, np.tile(b1x, (chunk_rows(config) * FORWARD_CHUNKS, 1))
+
+
+def _output_weights(theta: np.ndarray, config: SAEConfig, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """−[W2 | b2]ᵀ (h + 1, n), the output layer as one (negated) matrix, and [W2 | 0] (n, h + 1),
+    in ``dt``: what ``backward`` multiplies by."""
+    _, W2, _, b2 = unpack(theta, config)
+    n, h = config.n_visible, config.n_hidden
+    nW2bT = np.empty((h + 1, n), dtype=dt)
+    nW2bT[:h], nW2bT[h] = -W2.T, -b2
+    W2x = np.zeros((n, h + 1), dtype=dt)
+    W2x[:, :h] = W2
+    return nW2bT, W2x
+
+
+_derived_of = threading.local()  # per thread: the last θ's matrices, by (which, config, dtype)
+
+
+def _derived(theta: np.ndarray, config: SAEConfig, dt: np.dtype, which: str, build) -> tuple:
+    """``build(θ, config, dt)``, made again only when θ's values (or the model, or the dtype)
+    changed: a worker's blocks in a round share one θ, and making these matrices cost each
+    block more than its passes over a few hundred rows. Read-only to the callers."""
+    theta = np.asarray(theta)
+    cache = _derived_of.__dict__.setdefault("cache", {})
+    key = (which, config, dt)
+    hit = cache.get(key)
+    if hit is not None and hit[0].shape == theta.shape and (hit[0] == theta).all():  # NaN ≠ NaN: made again
+        return hit[1]
+    unpack(theta, config)  # checks θ's length before anything is kept
+    value = build(theta, config, dt)
+    cache[key] = (np.array(theta, copy=True), value)
+    return value
+
+
+@functools.lru_cache(maxsize=None)
 def z_cap(dtype: np.dtype) -> float:
     """The |z| at which pre-activations are capped: e^±cap and σ(±cap) stay normal numbers of
     ``dtype`` (86 for float32, 707 for float64)."""
@@ -486,12 +527,8 @@ def backward(
     """
     X = _check_X(X, config)
     U = _check_U(U, X, config)
-    W1, W2, b1, b2 = unpack(theta, config)
     m, n, h, dt = X.shape[0], config.n_visible, config.n_hidden, X.dtype
-    nW2bT = np.empty((h + 1, n), dtype=dt)  # −[W2 | b2]ᵀ: the output layer as one (negated) matrix
-    nW2bT[:h], nW2bT[h] = -W2.T, -b2
-    W2x = np.zeros((n, h + 1), dtype=dt)  # [W2 | 0]
-    W2x[:, :h] = W2
+    nW2bT, W2x = _derived(theta, config, dt, "output", _output_weights)
     rows = chunk_rows(config)
     k0 = min(rows, m)
     S = np.zeros((k0, h + 1), dtype=dt)  # [s | 0] on every row: a same-shape addition is 2× faster than broadcasting

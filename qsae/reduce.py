@@ -40,6 +40,7 @@ from typing import Callable, Generator
 
 import numpy as np
 
+from ._blas import pinned
 from .errors import ConfigError, ProtocolError
 from .model import (
     SAEConfig,
@@ -159,6 +160,7 @@ def max_result_width(config: SAEConfig) -> int:
     return max(op.width(config) for op in OP_TABLE.values())
 
 
+@pinned  # once for all the blocks: the per-block passes inside are not checked again
 def run_blocks(op: str, arg: np.ndarray, blocks: list[ShardState]) -> np.ndarray:
     """What a worker returns for ``op`` on its listed blocks.
 

@@ -36,6 +36,37 @@ def test_pinned_functions_run_on_one_thread_and_give_the_caller_its_setting_back
     assert all(n == 2 for n in after)
 
 
+def test_a_pinned_function_inside_another_is_not_checked_again_and_still_runs_on_one_thread():
+    """The outermost pinned call checks the BLAS threads once for all the calls inside it (a
+    worker's blocks); the inner ones still run on one thread, and the caller gets its setting back."""
+    seen, checks = [], []
+
+    @_blas.pinned
+    def inner():
+        seen.append(_blas_threads())
+
+    @_blas.pinned
+    def outer():
+        inner()
+        inner()
+
+    controllers = _blas._blas_controllers()
+    originals = [c.get_num_threads for c in controllers]
+    for c, get in zip(controllers, originals):
+        c.get_num_threads = lambda get=get: checks.append(1) or get()
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            outer()
+            after = _blas_threads()
+            inner()  # on its own: checked again
+    finally:
+        for c, get in zip(controllers, originals):
+            c.get_num_threads = get
+    assert len(seen) == 3 and all(n == 1 for threads in seen for n in threads)
+    assert all(n == 2 for n in after)
+    assert len(checks) == 2 * len(controllers)  # once for outer (and its two inner calls), once for the last
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_the_cost_does_not_depend_on_the_callers_blas_threads(dtype):
     cfg = SAEConfig()

@@ -358,6 +358,40 @@ def test_kernel_paths_agree(kernel_path):
             assert np.linalg.norm(g - r) <= tol * np.linalg.norm(r)
 
 
+def test_the_weights_made_from_theta_follow_it(kernel_path):
+    """The passes' matrices are made once per θ and kept (every block of a round shares θ): a θ
+    changed in place, another dtype, and threads computing different θ at once get the same
+    bits as a first call on a fresh copy."""
+    import concurrent.futures
+
+    from qsae import model
+
+    cfg = SAEConfig()
+    theta, X = problem(cfg, 60)
+    thetas = [theta, theta * 0.5 + 0.01, np.roll(theta, 7)]
+
+    def fresh(t, X):  # as if nothing were kept: a new thread has nothing kept yet
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(cost_and_grad, t.copy(), X, cfg).result()
+
+    want = {(i, dt): fresh(t, X.astype(dt)) for i, t in enumerate(thetas) for dt in (np.float64, np.float32)}
+    moving = theta.copy()
+    for i, t in enumerate(thetas):
+        moving[:] = t  # in place: the same array, new values
+        for dt in (np.float64, np.float32):
+            c, g = cost_and_grad(moving, X.astype(dt), cfg)
+            assert c == want[i, dt][0] and np.array_equal(g, want[i, dt][1])
+    assert want[1, np.float64][0] == pytest.approx(textbook(thetas[1], X, cfg)[0], rel=1e-12)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda k: (k % 3, cost_and_grad(thetas[k % 3], X, cfg)), range(30)))
+    for i, (c, g) in got:
+        assert c == want[i, np.float64][0] and np.array_equal(g, want[i, np.float64][1])
+    bad = theta.copy()
+    bad[3] = np.nan  # NaN ≠ NaN: never taken for the kept θ, and it propagates
+    assert np.isnan(cost_and_grad(bad, X, cfg)[0]) and np.isnan(cost_and_grad(bad, X, cfg)[0])
+    assert model.z_cap(np.dtype(np.float32)) == 86 and model.z_cap(np.dtype(np.float64)) == 707
+
+
 def test_finish_kernel_equals_the_numpy_path(kernel_path):
     """The master's reduce in one compiled call: the gradient's bits are the numpy path's, the
     cost within an ulp or two (its two sums are added in another order); NaN still
