@@ -52,17 +52,21 @@ _COUNT = struct.Struct("<I")  # every message by its number of frames
 # ---------------------------------------------------------------------- framing over the pipe
 def write(sock: socket.socket, type: str, arrays: Sequence[np.ndarray] = (), **fields: Any) -> None:
     """Send one message: the frame count and every frame's length, then the frames (a msgpack
-    header, raw arrays), so that the reader needs three reads, not two per frame."""
+    header, raw arrays), so that the reader needs three reads, not two per frame. One
+    gathering ``sendmsg`` for all the parts, the arrays' buffers as they are (not joined into
+    a copy: θ goes to every compute process each round)."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     head = msgpack.packb({"t": type, "a": [[a.dtype.str, list(a.shape)] for a in arrays], **fields},
                          use_bin_type=True)
     frames = [head, *(memoryview(a).cast("B") for a in arrays)]
     prefix = _COUNT.pack(len(frames)) + b"".join(_LEN.pack(len(f)) for f in frames)
-    if sum(len(f) for f in frames) < 1 << 16:
-        sock.sendall(b"".join([prefix, *frames]))  # one system call for a round's small messages
-    else:
-        for part in (prefix, *frames):  # large rows: no joined copy
-            sock.sendall(part)
+    parts = [memoryview(prefix), *(memoryview(f) for f in frames)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= parts[0].nbytes:  # a full socket buffer takes a part of it: send the rest
+            sent -= parts.pop(0).nbytes
+        if sent:
+            parts[0] = parts[0][sent:]
 
 
 def read(sock: socket.socket) -> tuple[dict, list[np.ndarray]] | None:

@@ -61,6 +61,38 @@ def test_split_gives_contiguous_runs() -> None:
     assert split([], 2) == [[], []]
 
 
+def test_compute_framing_carries_every_size_whole() -> None:
+    """The agent ↔ compute process framing: messages from empty to several MB (past the socket
+    buffer: the gathering send goes out in pieces) arrive whole and in order; EOF reads None."""
+    import socket
+
+    from qsae.compute import read, write
+
+    rng = np.random.default_rng(5)
+    sent = [("EVAL", [], {"ids": []}),
+            ("EVAL", [rng.random(3934)], {"op": "sums", "ids": list(range(64)), "evaluation": 3}),
+            ("ROWS", [rng.random((3, 5945)), rng.random(0)], {"nodes": [1, 2, 3]}),
+            ("HOLD", [rng.random((40_000, 64)).astype(np.float32), rng.random((7, 64))], {"ids": [1, 2]})]
+    a, b = socket.socketpair()
+    a.settimeout(20)  # a socket with a timeout sends what fits and returns: the loop must send the rest
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(iter(lambda: read(b), None)))
+    reader.start()
+    try:
+        for t, arrays, fields in sent:
+            write(a, t, arrays, **fields)
+    finally:
+        a.close()
+        reader.join(30)
+        b.close()
+    assert not reader.is_alive() and len(got) == len(sent)
+    for (t, arrays, fields), (head, back) in zip(sent, got):
+        assert head == {"t": t, **fields}
+        assert len(back) == len(arrays)
+        for x, y in zip(arrays, back):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
 def test_rows_of_ranges_equal_rows_of_their_blocks() -> None:
     """The rows a RESULT reports, from its ranges (``rows_in``) as from its block ids: the
     last block may be short; ranges with and without it, of data sets with and without a short one."""
