@@ -135,24 +135,31 @@ class Agent(Worker):
             self._post(slot, requests[slot], tries)
         replies: dict[int, tuple[dict, list]] = {}
         errors = []
+        poller, slot_of = select.poll(), {}  # registered once: a round costs O(P), not a select of P per reply
+        for slot in requests:
+            slot_of[self.children[slot].fileno()] = slot
+            poller.register(self.children[slot].fileno(), select.POLLIN)
         while len(replies) < len(requests):
-            waiting = [self.children[s] for s in requests if s not in replies]
-            ready, _, _ = select.select(waiting, [], [], self.heartbeat)
+            ready = poller.poll(self.heartbeat * 1000)
             self._tick(busy=True)
-            if self.sock.poll(0):  # the master's PONGs queued meanwhile: it is still there
+            if self._poller.poll(0):  # the master's PONGs queued meanwhile: it is still there
                 self._last_heard = time.monotonic()
-            for child in ready:
+            for fd, _ in ready:  # readable, or hung up (POLLHUP): the read tells
+                slot = slot_of.pop(fd)
+                poller.unregister(fd)
                 try:
-                    got = read(child.sock)
+                    got = read(self.children[slot].sock)
                 except OSError:  # ECONNRESET: it died with our request unread
                     got = None
                 if got is None:
-                    self._died(child.slot, tries)
-                    self._post(child.slot, requests[child.slot], tries)
+                    self._died(slot, tries)
+                    self._post(slot, requests[slot], tries)
+                    slot_of[self.children[slot].fileno()] = slot  # forked again: its new socket
+                    poller.register(self.children[slot].fileno(), select.POLLIN)
                     continue
                 if got[0]["t"] == ERR:
                     errors.append(got[0])
-                replies[child.slot] = got
+                replies[slot] = got
         if errors:  # every reply gathered first: none is left to be read as the next request's
             e = errors[0]
             raise WorkerError(f"compute process: {e['etype']}: {e['message']}\n{e['traceback']}")
