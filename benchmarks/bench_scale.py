@@ -9,7 +9,9 @@ Tables:
    master's receive loop and its heartbeat thread) and the bytes it receives per evaluation
    (every frame counted at its socket), for H agents (each one connection standing for one
    host) × P compute processes per agent, with shards so small (4 rows a block, 256
-   blocks) that compute is negligible. Beside it, "today's" shape: H·P plain workers.
+   blocks) that compute is negligible. Beside it, "today's" shape: H·P plain workers, and
+   the same per-evaluation code of the master run warm, in a loop without sockets (1c): the
+   ratio is what running after each sleep in poll costs (caches and predictors taken by others).
 2. An agent's own CPU per evaluation against P (``/proc/PID/stat``: all its threads, not its
    compute processes).
 3. A projection of seconds per evaluation and speedup at 100K, 1M and 10M patches on 8 ...
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy: one BLAS thread, as
     os.environ.setdefault(_var, "1")  # a worker has (the per-row compute is measured in this process)
 
+import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qsae import Master, SAEConfig, init_params  # noqa: E402
@@ -142,6 +145,71 @@ def table_today(images, evals: int) -> None:
         r = master_cell(images, n, 1, True, evals)
         print(f"| {n} | {1e3 * r['master']:.3f} | {r['bytes']:,.0f} | {r['msgs']:.1f} | {1e3 * r['wall']:.2f} |",
               flush=True)
+
+
+def warm_evaluation(hosts: int, blocks: int = BLOCKS) -> float:
+    """Seconds of the master's work for one evaluation, in a warm loop without sockets: the
+    settle check, the round opened and its EVALs encoded, ``hosts`` RESULTs (one row each,
+    made beforehand) decoded, checked and added along the tree, the reducer's finish. What
+    table 1's main thread does, minus the socket calls and poll (and the I/O thread's CURVE),
+    run hot: table 1's runs after each sleep in poll."""
+    import timeit
+
+    from qsae import tree
+    from qsae.coordinator import Coordinator
+    from qsae.layout import Layout
+    from qsae.membership import ACTIVE
+    from qsae.model import Sums
+    from qsae.protocol import RESULT, decode, encode
+    from qsae.reduce import make_reducer
+
+    layout = Layout(CFG, np.dtype("float64"), "measured", BLOCK_ROWS)
+    layout.set_source({"kind": "images"}, BLOCK_ROWS * blocks)
+    coord, theta, per = Coordinator(layout, 1.0, 60.0), init_params(CFG), blocks // hosts
+    results = {}
+    for k in range(hosts):
+        w = coord.members.join(b"h%d" % k, f"h{k}", "host", k, 1, "", now=0.0)
+        w.state, w.blocks = ACTIVE, set(range(k * per, (k + 1) * per))
+        w.record(BLOCK_ROWS * per, 0.01)  # a measured speed: balanced, nothing moves
+        spans = [(k * per, (k + 1) * per)]
+        nodes = tree.cover_runs(spans, blocks)
+        rows = np.full((len(nodes), Sums.size(CFG, one_round=True)), 1.0 + k)
+        results[w.ident] = encode(RESULT, 0, [rows], spans=tree.flat(spans), nodes=[tree.code(n) for n in nodes],
+                                  rows=BLOCK_ROWS * per, seconds=0.01)
+    reducer = make_reducer("exact", CFG)
+
+    def evaluation() -> None:
+        assert coord.settle_step(0.0) is None
+        coord.begin_evaluation()
+        steps = reducer.steps(theta)
+        op, arg = steps.send(None)
+        for send in coord.begin_round(op, arg, 0.0):  # encoded as the shell does, not sent
+            encode(send.type, send.round, send.arrays, **send.fields)
+        for ident, frames in results.items():
+            head = msgpack.unpackb(frames[0])
+            head["r"] = coord.round
+            coord.handle(ident, decode([msgpack.packb(head), *frames[1:]]), 0.0)
+        coord.tick(0.0)
+        try:
+            steps.send(coord.end_round())
+        except StopIteration:
+            pass
+        coord.end_evaluation()
+
+    for _ in range(100):
+        evaluation()
+    n = max(200, 4000 // hosts)
+    return min(timeit.repeat(evaluation, number=n, repeat=5)) / n
+
+
+def table_warm(cells: dict, hosts_list) -> None:
+    print("\n## 1c. The same work warm: the master's per-evaluation code in a loop, without sockets\n")
+    print("| H | warm µs/eval | table 1's master CPU µs at P = 1 (all threads, CURVE included) |")
+    print("|---|---|---|")
+    for H in hosts_list:
+        w = warm_evaluation(H)
+        m = cells.get((H, 1), {}).get("master")
+        print(f"| {H} | {1e6 * w:.0f} | {1e6 * m:.0f} |" if m else f"| {H} | {1e6 * w:.0f} | |", flush=True)
 
 
 def table_agent(cells: dict, procs_list) -> dict:
@@ -281,6 +349,7 @@ def main() -> None:
     print(f"# bench_scale — {machine()}")
     images = load_images()
     cells = table_master(images, hosts, procs, evals)
+    table_warm(cells, hosts)
     table_today(images, evals)
     agent = table_agent(cells, procs)
     table_projection(images, cells, agent, not args.no_check)
