@@ -10,8 +10,9 @@ Tables:
    (every frame counted at its socket), for H agents (each one connection standing for one
    host) × P compute processes per agent, with shards so small (4 rows a block, 256
    blocks) that compute is negligible. Beside it, "today's" shape: H·P plain workers, and
-   the same per-evaluation code of the master run warm, in a loop without sockets (1c): the
-   ratio is what running after each sleep in poll costs (caches and predictors taken by others).
+   what lies under table 1 (1c): a bare pyzmq CURVE echo's CPU per round (the sockets' floor)
+   and the master's own per-evaluation code run warm, in a loop without sockets (the rest of
+   table 1 is that code run cold, after each sleep in poll).
 2. An agent's own CPU per evaluation against P (``/proc/PID/stat``: all its threads, not its
    compute processes).
 3. A projection of seconds per evaluation and speedup at 100K, 1M and 10M patches on 8 ...
@@ -202,14 +203,31 @@ def warm_evaluation(hosts: int, blocks: int = BLOCKS) -> float:
     return min(timeit.repeat(evaluation, number=n, repeat=5)) / n
 
 
+def echo_cpu(hosts: int, rounds: int = 300) -> float:
+    """CPU seconds of this process per round of a bare pyzmq CURVE echo of θ by ``hosts``
+    DEALER processes (``qsae.bench.roundtrip.Echo``): what the sockets, CURVE and poll cost a
+    master with no code of its own — the floor under table 1."""
+    from qsae.bench.roundtrip import Echo
+
+    theta = init_params(CFG)
+    with Echo(hosts) as echo:
+        for _ in range(50):
+            echo.round(theta)
+        c0 = time.process_time()
+        for _ in range(rounds):
+            echo.round(theta)
+        return (time.process_time() - c0) / rounds
+
+
 def table_warm(cells: dict, hosts_list) -> None:
-    print("\n## 1c. The same work warm: the master's per-evaluation code in a loop, without sockets\n")
-    print("| H | warm µs/eval | table 1's master CPU µs at P = 1 (all threads, CURVE included) |")
-    print("|---|---|---|")
+    print("\n## 1c. Under table 1: a bare CURVE echo's CPU, and the master's own code run warm\n")
+    print("| H | master CPU µs (table 1, P = 1) | bare CURVE echo of θ by H processes, CPU µs/round "
+          "| the master's per-evaluation code, warm in a loop without sockets, µs |")
+    print("|---|---|---|---|")
     for H in hosts_list:
-        w = warm_evaluation(H)
         m = cells.get((H, 1), {}).get("master")
-        print(f"| {H} | {1e6 * w:.0f} | {1e6 * m:.0f} |" if m else f"| {H} | {1e6 * w:.0f} | |", flush=True)
+        print(f"| {H} | {f'{1e6 * m:.0f}' if m else ''} | {1e6 * echo_cpu(H):.0f} | {1e6 * warm_evaluation(H):.0f} |",
+              flush=True)
 
 
 def table_agent(cells: dict, procs_list) -> dict:
