@@ -4,7 +4,9 @@ Each kernel does in one pass over a row chunk what the numpy path does in severa
 the products stay in BLAS and e^u stays in numpy (its SIMD exp; numba's is scalar without
 Intel's SVML). Results equal the numpy path's to rounding (sums are added in another
 order). Measured by ``benchmarks/bench_model.py``: about 0.9× the numpy path's time in
-float64 and in float32 at 100K patches.
+float64 and in float32 at 100K patches. ``finish`` is the master's last step of every
+evaluation (``model.finish_sums``) in one call instead of some 25 numpy calls, which ran
+cold after each sleep in poll; it uses no fastmath, so each element is the numpy path's.
 
 ``error_model="numpy"`` lets 1/(1 + e) vectorise (numba's default checks every division
 for zero, which keeps the loop scalar); ``fastmath`` is limited to reassociation (the sums
