@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy: one BLAS thread, as
     os.environ.setdefault(_var, "1")  # a worker has (the per-row compute is measured in this process)
 
-import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qsae import Master, SAEConfig, init_params  # noqa: E402
@@ -187,9 +186,9 @@ def warm_evaluation(hosts: int, blocks: int = BLOCKS) -> float:
         for send in coord.begin_round(op, arg, 0.0):  # encoded as the shell does, not sent
             encode(send.type, send.round, send.arrays, **send.fields)
         for ident, frames in results.items():
-            head = msgpack.unpackb(frames[0])
-            head["r"] = coord.round
-            coord.handle(ident, decode([msgpack.packb(head), *frames[1:]]), 0.0)
+            msg = decode(frames)
+            msg.round = coord.round  # made for round 0: this round's number, without encoding it again
+            coord.handle(ident, msg, 0.0)
         coord.tick(0.0)
         try:
             steps.send(coord.end_round())
