@@ -35,11 +35,11 @@ RUN_FILES = ("model.npz", "history.jsonl")  # a directory holding either holds a
 _MODES = """\
 where the cost is computed (give at most one):
   --local        in this process, no workers (the baseline)
-  --workers N    N local worker processes
-  --hosts FILE   workers started over SSH, as the hosts file lists them
-  --slurm        workers started by srun, one per task of the Slurm allocation
+  --workers N    N local processes: one agent that forks them (--no-agents: N workers)
+  --hosts FILE   over SSH: one agent per host line of workers=N processes (--no-agents: N workers)
+  --slurm        by srun: one agent per node with all its CPUs (--no-agents: one worker per task)
   --wait-for N   N workers started by hand with qsae-worker (needs --keys or --insecure)
-  none of them   one local worker process per core ({cores} on this machine)
+  none of them   one local process per core ({cores} on this machine), as --workers
 """
 
 
@@ -67,12 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--hosts", type=Path, default=None, metavar="FILE", help="hosts file: start workers over SSH (see hosts/README.md; default: none)")
     where.add_argument("--slurm", action="store_true", help="start workers with srun inside a Slurm allocation")
     where.add_argument("--wait-for", type=int, default=None, metavar="N", help="wait for N hand-started qsae-worker processes (default: none)")
-    where.add_argument("--agents", action="store_true",
-                       help="one agent per machine: --workers N is one agent of N processes, a hosts file's workers=N "
-                            "one agent of N processes per host, --slurm one step per node with all its CPUs (one "
-                            "connection per host; default: a connection per process)")
+    where.add_argument("--agents", action=argparse.BooleanOptionalAction, default=None,
+                       help="one agent per machine, the default: --workers N is one agent of N processes, a hosts "
+                            "file's workers=N one agent of N processes per host, --slurm one step per node with all "
+                            "its CPUs (one connection and one copy of the images per host); --no-agents: a connection "
+                            "per process (default: agents, but plain workers for --workers 1 and with --min-workers, "
+                            "which counts connections)")
     where.add_argument("--min-workers", type=int, default=None, metavar="N",
-                       help="go on once this many workers have started (default: all of them)")
+                       help="go on once this many workers have started, an agent counting as one (default: all of "
+                            "them)")
     where.add_argument("--bind", default=None, help="address the master binds (default: the one that reaches the workers)")
     where.add_argument("--port", type=int, default=0, help="port the master binds (0: any free port)")
     where.add_argument("--protocol", choices=("exact", "average"), default="exact",
@@ -181,6 +184,14 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     need(not (args.agents and (args.local or args.wait_for is not None)),
          "--agents starts agents with --workers N, --hosts FILE or --slurm; hand-started ones are `qsae-worker "
          "--procs N`, and --local starts none: drop --agents")
+    here = not (args.local or args.wait_for is not None or args.hosts is not None or args.slurm)  # local workers
+    need(not (args.agents and here and args.min_workers is not None),
+         "--min-workers counts connections, and local processes with --agents are one (one agent): drop --agents "
+         "to start plain workers of which --min-workers may go on without the others")
+    if args.agents is None:  # the default: one agent per machine wherever a machine runs several processes,
+        # but workers where --min-workers counts them (an agent counts as one: give --agents for that)
+        args.agents = not (args.local or args.wait_for is not None or args.min_workers is not None
+                           or (here and (args.workers or os.cpu_count() or 1) == 1))
     if args.min_workers is not None:
         need(not args.local, "--min-workers means nothing with --local (no workers): drop one of them")
         need(args.min_workers >= 1, f"--min-workers {args.min_workers}: give N >= 1")
@@ -340,10 +351,11 @@ def _plan(args: argparse.Namespace, given: set[str]) -> dict:
     check_images(images, spec_data.patch_size, f"--images {spec_data.source}")  # too small, wrong shape: one line
     _master_keywords(args)  # a flag this master cannot honour fails here, not after the log is opened
     launcher = _launcher(args)  # a bad hosts file, or --slurm outside an allocation, fails here too
-    n = launcher.n_workers if launcher is not None else _n_workers(args)
+    local_agent = getattr(launcher, "procs", 1) > 1  # this machine's agent: its processes share the rows here
+    n = _n_workers(args) if launcher is None or local_agent else launcher.n_workers
     # too many parameters for L-BFGS, or more memory than this machine has: now, not minutes later
     check_size(cfg, spec_data.m, args.dtype, args.optimizer, n,
-               local_workers=launcher is None and args.wait_for is None)
+               local_workers=(launcher is None or local_agent) and args.wait_for is None)
     sigma = patch_sigma(images, spec_data.patch_size, spec_data.seed)
     if not sigma > 0:
         raise ConfigError(f"--patch-size {spec_data.patch_size} on --images {spec_data.source}: every patch is flat once "
@@ -466,10 +478,24 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
             raise WorkerLost(f"every worker was lost while it prepared its rows, before the first iteration ({kept}): "
                              f"see each worker's lines in {args.out / 'run.log'}; --worker-timeout (now "
                              f"{args.worker_timeout:g} s) waits longer for a slow one") from None
-        _say(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {master.n_workers} workers, {args.protocol} protocol")
+        _say(f"qsae {__version__}: {cfg}, {spec_data.m} patches on {_placed(master)}, {args.protocol} protocol")
         objective = _SpeedSamples(master, args.out / "workers.jsonl")
         result = train(objective, plan["theta0"], spec, echo=echo, say=_say, dashboard=board)
     return _exit_status(result)
+
+
+def _placed(master) -> str:
+    """"3 workers", or "2 agents of 4 processes" / "1 agent of 2 processes and 1 worker": what computes."""
+    procs = [w["procs"] for w in master.status()]
+    agents = [p if isinstance(p, int) else len(p) for p in procs if p]
+    plain = len(procs) - len(agents)
+    parts = []
+    if agents:
+        each = f"{agents[0]}" if len(set(agents)) == 1 else f"{min(agents)}-{max(agents)}"
+        parts.append(f"{len(agents)} agent{'s' * (len(agents) > 1)} of {each} processes")
+    if plain or not agents:
+        parts.append(f"{plain} worker{'s' * (plain != 1)}")
+    return " and ".join(parts)
 
 
 def _exit_status(result) -> int:

@@ -291,7 +291,8 @@ def test_help_shows_defaults_and_what_no_mode_flag_means():
     p = master("--help")
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0
-    assert "none of them   one local worker process per core" in out
+    assert "none of them   one local process per core" in out
+    assert "--workers N    N local processes: one agent that forks them (--no-agents: N workers)" in out
     for text in ("(default: 10000)", "(default: 400)", "(default: a new runs/", "(default: 5.0)", "(default: 60.0)",
                  "(default: 10.0)", "(default: float32)", "(default: measured)", "(default: one per core)"):
         assert text in " ".join(out.split()), text
@@ -314,7 +315,7 @@ def test_paramiko_is_quiet_unless_verbose(tmp_path, capsys):
 
 def test_run_log_and_workers_jsonl(tmp_path):
     run = tmp_path / "run"
-    p = master("--workers", "2", "--patches", "2000", "--iters", "3", "--out", str(run))
+    p = master("--workers", "2", "--no-agents", "--patches", "2000", "--iters", "3", "--out", str(run))
     out, err = p.communicate(timeout=100)
     assert p.returncode == 0, err
     log = (run / "run.log").read_text()

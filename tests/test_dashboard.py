@@ -56,7 +56,7 @@ def run(tmp_path_factory):
     watch; yields (process, URL through 127.0.0.1 with the token, the URL without it)."""
     out = tmp_path_factory.mktemp("run")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "qsae-master"), "--workers", "2", "--patches", "20000",
+    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "qsae-master"), "--workers", "2", "--no-agents", "--patches", "20000",
                           "--iters", "100000", "--checkpoint-every", "0", "--worker-timeout", str(WORKER_TIMEOUT),
                           "--dashboard", "0.0.0.0:0", "--out", str(out)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -376,7 +376,7 @@ def test_6_workers_leaving_in_a_shutdown_is_a_stop_not_every_worker_lost(tmp_pat
     from tests.procs import wait_gone
 
     run_dir = tmp_path / "r"
-    p = start("qsae-master", "--workers", "2", "--patches", "20000", "--iters", "100000", "--checkpoint-every",
+    p = start("qsae-master", "--workers", "2", "--no-agents", "--patches", "20000", "--iters", "100000", "--checkpoint-every",
               "100000", "--worker-timeout", "60", "--out", str(run_dir), "-q")
     try:
         wait_for(run_dir / "history.jsonl", 100, lambda f: len(history_of(run_dir)) >= 3, p)
@@ -516,7 +516,7 @@ def test_2_workers_lost_while_preparing_say_nothing_was_saved(tmp_path):
     """Workers lost before the first iteration (here: killed while they cut 1M rows each) are not
     told to resume a checkpoint that does not exist."""
     run_dir = tmp_path / "r"
-    p = start("qsae-master", "--workers", "2", "--patches", "2000000", "--iters", "2", "--out", str(run_dir))
+    p = start("qsae-master", "--workers", "2", "--no-agents", "--patches", "2000000", "--iters", "2", "--out", str(run_dir))
     try:
         deadline = time.monotonic() + 60
         workers: list[int] = []

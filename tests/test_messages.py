@@ -82,7 +82,7 @@ def test_the_final_error_is_in_run_log(tmp_path):
 
 # ---------------------------------------------------------------------- 22: events once, tables only when small
 def test_an_event_is_printed_once(tmp_path):
-    r = run("--workers", "2", "--patches", "2000", "--iters", "2", "--out", str(tmp_path / "r"))
+    r = run("--workers", "2", "--no-agents", "--patches", "2000", "--iters", "2", "--out", str(tmp_path / "r"))
     assert r.returncode == 0, r.stderr
     assert not [ln for ln in r.stdout.splitlines() if ln.startswith("workers: join")]
     joins = [ln for ln in r.stderr.splitlines() if " join: local#" in ln]

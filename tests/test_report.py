@@ -26,7 +26,7 @@ def run(*args: str, tool: str = "qsae-master") -> subprocess.CompletedProcess:
 def resumed_run(tmp_path_factory) -> Path:
     """A 2-worker run of 15 iterations, resumed to 30."""
     out = tmp_path_factory.mktemp("run")
-    common = ("--workers", "2", "--patches", "4000", "-q", "--dashboard", "off")
+    common = ("--workers", "2", "--no-agents", "--patches", "4000", "-q", "--dashboard", "off")
     first = run(*common, "--iters", "15", "--out", str(out))
     assert first.returncode == 0, first.stderr
     second = run(*common, "--iters", "30", "--resume", str(out))

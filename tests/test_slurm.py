@@ -197,11 +197,12 @@ def test_slurm_add_and_keys_on_stdin(cluster, tmp_path):
 
 
 def test_cli_slurm(cluster, tmp_path):
-    """The issue's command line: salloc -n 2 qsae-master --slurm ..."""
+    """The issue's command line: salloc -n 2 qsae-master --slurm ... (one agent on the node, by default)."""
     run = tmp_path / "run"
     master = [sys.executable, str(ROOT / "bin" / "qsae-master")]
-    r = salloc(cluster, 2, [*master, "--slurm", "--patches", "2000", "--iters", "10", "--out", str(run), "-q"])
+    r = salloc(cluster, 2, [*master, "--slurm", "--patches", "2000", "--iters", "10", "--out", str(run)])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "2000 patches on 1 agent of 2 processes" in r.stdout, r.stdout[-3000:]  # one step on the node, by default
     assert len((run / "history.jsonl").read_text().splitlines()) == 11
     assert (run / "model.npz").exists()
     assert cluster.drained() == []

@@ -77,7 +77,7 @@ def test_cli_trains_over_ssh(sshd, tmp_path):
                         str(sshd.ssh_config), "--patches", "2000", "--iters", "10", "--out", str(out), "-q"],
                        env=env, capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stderr
-    assert "2000 patches on 2 workers" in p.stdout
+    assert "2000 patches on 1 agent of 2 processes" in p.stdout  # workers=2: one agent, one connection, by default
     assert len((out / "history.jsonl").read_text().splitlines()) == 11
 
 

@@ -153,7 +153,8 @@ class SSHLauncher(Launcher):
             self._procs = {id(h): n for h, n in zip(hosts, procs)}
         total = sum(h.workers for h in hosts)
         if min_workers is not None and not 1 <= min_workers <= total:
-            raise ConfigError(f"min_workers={min_workers}: expected 1 to {total} (the hosts list {total} workers)")
+            what = f"{total} hosts, an agent each (--no-agents: a worker per process)" if agents else f"{total} workers"
+            raise ConfigError(f"min_workers={min_workers}: expected 1 to {total} (the hosts list {what})")
         if connect_timeout <= 0:
             raise ConfigError(f"connect_timeout={connect_timeout}: expected a positive number of seconds")
         self.specs = hosts
