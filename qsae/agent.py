@@ -12,6 +12,12 @@ its own along the summation tree; it gathers their rows and adds them along the 
 (``qsae.tree.value``) into the rows of the nodes its blocks make: one RESULT a round
 (several only past ``MAX_RESULT_ROWS`` nodes). The bits are those of any other placement.
 
+Within the host it balances as the master does between hosts: each process's rows per second
+are measured every round, and once every process has ``SPEED_SAMPLES`` of them the master's own
+planner (``qsae.placement.plan``, the same hysteresis and payback) may move blocks from a slow
+process to a faster one (exact protocol; between evaluations, never between the two rounds
+of one). A moved block is added along the same tree wherever it is: the bits do not change.
+
 It answers the host's heartbeats while its processes compute. A compute process that dies
 mid-round is forked again from the agent, given its blocks again (cut from the images) and
 asked again: the master never hears of it and no partial sum leaves the host. An agent that
@@ -20,9 +26,11 @@ dies or stops is, to the master, a lost or late worker (its existing paths).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
+import statistics
 import time
 
 import numpy as np
@@ -33,6 +41,8 @@ from .compute import EVAL as C_EVAL
 from .compute import ERR, HOLD, Child, read, rows_in, spawn, write
 from .compute import bounds as block_bounds
 from .errors import ProtocolError, WorkerError
+from .membership import MIN_SAMPLE_SECONDS, SPEED_SAMPLES
+from .placement import WorkerView, plan
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
 from .reduce import OP_TABLE, PER_BLOCK
 from .worker import Worker, _release_freed_memory, _span
@@ -70,6 +80,12 @@ class Agent(Worker):
         self.owner: dict[int, int] = {}  # block id -> slot of the compute process holding it
         self.rows: dict[int, np.ndarray] = {}  # an array source's rows: given again to a respawned process
         self.respawns = 0  # compute processes forked again after they died
+        # balance between the processes: each one's last rounds' rows per second, rounds since the
+        # last moves, and what moving one block cost (the planner's price), as the master keeps them
+        self.samples: dict[int, collections.deque] = {}
+        self.rounds_since_moves = 0
+        self.move_seconds = 0.0
+        self.moved = 0  # blocks moved between this host's processes
 
     # -- the connection
     def hello(self) -> None:
@@ -101,6 +117,7 @@ class Agent(Worker):
     def _on_source(self, msg) -> None:
         """Keep the source (``Worker._on_source``), then fork the processes that share it."""
         self._stop_children()
+        self.samples, self.rounds_since_moves = {}, 0
         super()._on_source(msg)
         t0 = time.perf_counter()
         for slot in range(self.procs):
@@ -274,3 +291,64 @@ class Agent(Worker):
                       nodes=[tree.code(n) for n in part],
                       rows=rows_in(spans, self.source["m"], self.source["block_rows"]),
                       seconds=seconds)
+        self._measure(replies)
+        if not OP_TABLE[op].keeps:  # never between the rounds of one evaluation
+            self._balance()
+
+    # -- balance between the host's processes
+    def _measure(self, replies: dict[int, tuple[dict, list]]) -> None:
+        """A speed sample (rows per compute second) of every process that answered a round long
+        enough to time (``MIN_SAMPLE_SECONDS``)."""
+        self.rounds_since_moves += 1
+        for slot, (head, _) in replies.items():
+            if head.get("seconds", 0.0) >= MIN_SAMPLE_SECONDS and head.get("rows"):
+                self.samples.setdefault(slot, collections.deque(maxlen=SPEED_SAMPLES)).append(
+                    head["rows"] / head["seconds"])
+
+    def _balance(self) -> None:
+        """Move blocks from slower processes to faster ones where the master's planner says it pays:
+        only once every process holding blocks has ``SPEED_SAMPLES`` rounds measured since the last
+        moves. The tree adds a block's row wherever it is computed, so the bits stay those of any
+        placement. A move that fails (a process out of memory) is logged and balancing stops."""
+        busy = [c for c in self.children if c.blocks]
+        if (len(busy) < 2 or self.rounds_since_moves < SPEED_SAMPLES
+                or any(len(self.samples.get(c.slot, ())) < SPEED_SAMPLES for c in busy)):
+            return
+        own = sorted(b for c in busy for b in c.blocks)  # numbered 0..k-1 for the planner, in block order
+        local = {b: i for i, b in enumerate(own)}
+        sizes = [hi - lo for lo, hi in (block_bounds(self.source, b) for b in own)]
+        views = [WorkerView(c.slot, statistics.median(self.samples[c.slot]), tuple(sorted(local[b] for b in c.blocks)))
+                 for c in busy]
+        moves = plan(views, sizes, move_seconds=self.move_seconds)
+        if not moves:
+            return
+        gets: dict[int, list[int]] = {}
+        gives: dict[int, list[int]] = {}
+        for mv in moves:
+            gets.setdefault(mv.dst, []).append(own[mv.block])
+            gives.setdefault(mv.src, []).append(own[mv.block])
+        t0 = time.perf_counter()
+        try:
+            self._ask({slot: (HOLD, [self.rows[b] for b in sorted(ids) if b in self.rows], {"ids": sorted(ids)})
+                       for slot, ids in gets.items()})
+        except WorkerError as e:  # the source process still holds them all: nothing changed but the try
+            log.warning("%s: blocks not moved between its processes (%s); it stops balancing them", self.name, e)
+            self.rounds_since_moves = -(1 << 62)
+            return
+        for slot, ids in gets.items():
+            self.children[slot].blocks.update(ids)
+            self.owner.update({b: slot for b in ids})
+        for slot, ids in gives.items():
+            self.children[slot].blocks.difference_update(ids)
+            try:
+                write(self.children[slot].sock, C_DROP, ids=sorted(ids))
+            except OSError:  # it died: forked again at the next request, without these blocks
+                pass
+        per_block = (time.perf_counter() - t0) / max(len(ids) for ids in gets.values())
+        self.move_seconds = per_block if self.move_seconds == 0 else 0.5 * (self.move_seconds + per_block)
+        self.samples, self.rounds_since_moves = {}, 0
+        self.moved += len(moves)
+        log.info("%s: %d blocks moved between its processes by measured speed (%s); blocks now %s", self.name,
+                 len(moves), ", ".join(f"{v.key}: {v.speed:,.0f} rows/s" for v in views),
+                 ", ".join(f"{c.slot}: {len(c.blocks)}" for c in self.children))
+

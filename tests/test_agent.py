@@ -4,6 +4,7 @@ along the summation tree; faults at the new level leave the cost history bit-equ
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -211,6 +212,46 @@ def test_an_agent_stopped_is_a_straggler(images, plain) -> None:
     np.testing.assert_array_equal(result.x, plain.x)
 
 
+def test_an_agent_moves_blocks_to_its_faster_process_and_the_bits_stay(images, caplog) -> None:
+    """One agent of 2 processes, one of them stopped half the time (SIGSTOP 10 ms, SIGCONT 10 ms,
+    as a core shared with a busy neighbour): the agent measures both and moves blocks to the fast
+    one with the master's planner, and the L-BFGS history and θ are those of 2 plain workers, bit
+    for bit (20,000 patches in 20 blocks: rounds long enough to time, blocks moved mid-run)."""
+    import logging
+
+    m, iters, opts = 20_000, 15, dict(config=CFG, block_rows=1000)  # exact, one round
+    with Master(workers=2, **opts) as master:
+        master.scatter_images(images, m=m, seed=0)
+        ref = master.fit(init_params(CFG), maxiter=iters)
+    caplog.set_level(logging.INFO)
+    with Master(launcher=LocalLauncher(1, procs=2), **opts) as master:
+        master.scatter_images(images, m=m, seed=0)
+        slow = sorted(children(agent_pids(master)[0]))[1]  # slot 1: forked second
+        stop = threading.Event()
+
+        def duty() -> None:
+            while not stop.is_set():
+                os.kill(slow, signal.SIGSTOP)
+                time.sleep(0.01)
+                os.kill(slow, signal.SIGCONT)
+                time.sleep(0.01)
+
+        t = threading.Thread(target=duty)
+        t.start()
+        try:
+            result = master.fit(init_params(CFG), maxiter=iters)
+        finally:
+            stop.set()
+            t.join()
+            os.kill(slow, signal.SIGCONT)
+    moved = [r.getMessage() for r in caplog.records if "moved between its processes" in r.getMessage()]
+    assert moved, "no blocks moved between the agent's processes"
+    held = re.search(r"blocks now 0: (\d+), 1: (\d+)", moved[-1])
+    assert held and int(held[1]) > int(held[2]) and int(held[1]) + int(held[2]) == 20, moved
+    np.testing.assert_array_equal(costs(result), costs(ref))
+    np.testing.assert_array_equal(result.x, ref.x)
+
+
 def test_an_agent_stops_its_processes_on_sigterm(images) -> None:
     """SIGTERM: the agent says BYE, closes its processes' sockets and reaps them."""
     with Master(launcher=LocalLauncher(2, procs=2), **OPTS) as master:
@@ -255,19 +296,37 @@ def test_a_hosts_file_starts_one_agent_per_host(sshd, tmp_path, images) -> None:
     np.testing.assert_allclose(costs(result), costs(ref), rtol=1e-9)
 
 
-def test_cli_agents_flag(tmp_path) -> None:
-    """`qsae-master --workers 2 --agents`: one agent of two processes trains; --agents with --local is refused."""
+def test_cli_runs_one_agent_per_machine_by_default(tmp_path) -> None:
+    """`qsae-master --workers 2` is one agent of two processes by default, `--no-agents` two plain
+    workers, and both give the same cost history to the last bit; `--workers 1` and `--workers N
+    --min-workers K` start plain workers; --agents with --local, or with --min-workers locally, is refused."""
+    import json
     import subprocess
 
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "bin/qsae-master", "--workers", "2", "--agents", "--patches", "2000", "--iters",
-                        "3", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    log = (out / "run.log").read_text()
-    assert "2 compute processes forked" in log
-    r = subprocess.run([sys.executable, "bin/qsae-master", "--local", "--agents"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60)
-    assert r.returncode == 2 and "drop --agents" in r.stderr
+    def run(*flags):
+        out = tmp_path / "-".join(flags).replace("-", "")
+        r = subprocess.run([sys.executable, "bin/qsae-master", *flags, "--patches", "2000", "--iters", "6",
+                            "--dtype", "float64", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        history = [json.loads(ln)["cost"] for ln in (out / "history.jsonl").read_text().splitlines()]
+        last = json.loads((out / "workers.jsonl").read_text().splitlines()[-1])["workers"]
+        return r.stdout, (out / "run.log").read_text(), history, last
+
+    out, log, agent_history, workers = run("--workers", "2")
+    assert "patches on 1 agent of 2 processes" in out and "2 compute processes forked" in log
+    assert len(workers) == 1 and workers[0]["procs"] == 2
+    out, log, plain_history, workers = run("--workers", "2", "--no-agents")
+    assert "patches on 2 workers" in out and "compute processes forked" not in log and len(workers) == 2
+    assert agent_history == plain_history and len(agent_history) >= 6  # the same bits, json's repr round-trips
+    out, log, _, workers = run("--workers", "2", "--min-workers", "1")  # may start before the second said HELLO
+    assert re.search(r"patches on [12] workers?,", out) and "compute processes forked" not in log
+    out, log, _, workers = run("--workers", "1")
+    assert "patches on 1 worker," in out and "compute processes forked" not in log
+    for flags, words in ((["--local", "--agents"], "drop --agents"),
+                         (["--workers", "2", "--agents", "--min-workers", "1"], "drop --agents")):
+        r = subprocess.run([sys.executable, "bin/qsae-master", *flags], capture_output=True, text=True, cwd=ROOT,
+                           timeout=60)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
 
 
 def test_slurm_starts_one_agent_per_node(tmp_path) -> None:
