@@ -474,9 +474,10 @@ svg polyline{fill:none;stroke:#1f6fd0;stroke-width:1.5}
 <section><h2>cost against seconds (log)</h2><svg id="cost_s" data-points="0"></svg></section>
 <section><h2>|grad| against iteration (log)</h2><svg id="grad_it" data-points="0"></svg></section>
 <section><h2>filters <small id="filters_it"></small></h2><img id="filters" alt="the hidden units' input weights"></section>
-<section class="wide"><h2>workers</h2><table id="workers"><thead><tr><th>name</th><th>host</th><th>state</th><th>rows</th>
-<th>blocks</th><th>rows/s</th><th>last compute ms</th><th>backups</th></tr></thead><tbody></tbody></table>
-<h2>hosts</h2><table id="hosts"><thead><tr><th>host</th><th>workers</th><th>active</th><th>rows</th><th>rows/s</th></tr>
+<section class="wide"><h2>workers</h2><table id="workers"><thead><tr><th>name</th><th>host</th><th>processes</th>
+<th>state</th><th>rows</th><th>blocks</th><th>rows/s</th><th>last compute ms</th><th>backups</th><th>BLAS</th></tr>
+</thead><tbody></tbody></table>
+<h2>hosts</h2><table id="hosts"><thead><tr><th>host</th><th>workers</th><th>processes</th><th>active</th><th>rows</th><th>rows/s</th></tr>
 </thead><tbody></tbody></table></section>
 <section class="wide"><h2>membership and placement</h2><div id="events"><table><tbody></tbody></table></div></section>
 <section><h2>settings</h2><table id="settings"><tbody></tbody></table></section>
@@ -584,12 +585,14 @@ function showTables(s) {  // only when they changed: a DOM rebuild costs layout
   const wb = $("workers").tBodies[0], hb = $("hosts").tBodies[0], hosts = {};
   wb.replaceChildren(); hb.replaceChildren();
   for (const w of s.workers) {
-    row(wb, [w.name, w.host, w.state, num(w.rows), w.blocks, num(w.rows_per_s),
-             w.seconds == null ? "-" : (w.seconds * 1000).toFixed(1), w.backups], w.state);
-    const h = hosts[w.host] || (hosts[w.host] = {n: 0, active: 0, rows: 0, rate: 0});
-    h.n++; if (w.state === "active") { h.active++; h.rows += w.rows; h.rate += w.rows_per_s || 0; }
+    const procs = w.procs == null ? 1 : (Array.isArray(w.procs) ? w.procs.length : w.procs);  // an agent's, or 1
+    row(wb, [w.name, w.host, procs, w.state, num(w.rows), w.blocks, num(w.rows_per_s),
+             w.seconds == null ? "-" : (w.seconds * 1000).toFixed(1), w.backups, w.blas || "-"], w.state);
+    const h = hosts[w.host] || (hosts[w.host] = {n: 0, procs: 0, active: 0, rows: 0, rate: 0});
+    h.n++; h.procs += procs;
+    if (w.state === "active") { h.active++; h.rows += w.rows; h.rate += w.rows_per_s || 0; }
   }
-  for (const [name, h] of Object.entries(hosts)) row(hb, [name, h.n, h.active, num(h.rows), num(h.rate)]);
+  for (const [name, h] of Object.entries(hosts)) row(hb, [name, h.n, h.procs, h.active, num(h.rows), num(h.rate)]);
   const sb = $("settings").tBodies[0];
   sb.replaceChildren();
   for (const [k, v] of Object.entries(s.settings))

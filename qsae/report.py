@@ -205,6 +205,13 @@ def _duration(seconds: float | None) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _procs(procs) -> int:
+    """A worker's compute processes from its status: an agent's count (or list), 1 for a plain worker."""
+    if isinstance(procs, list):
+        return len(procs)
+    return procs if isinstance(procs, int) and procs > 0 else 1
+
+
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -236,9 +243,10 @@ def _html(run: Path, d: dict) -> str:
     t0 = min((e["time"] for e in d["events"] if "time" in e), default=None)
     names = sorted({str(w.get("name")) for e in d["events"] for w in e.get("workers") or []})
     final = next((e["workers"] for e in reversed(d["events"]) if e.get("workers")), [])
-    workers_rows = [(w.get("name"), w.get("host"), w.get("pid"), w.get("state"), w.get("rows"), w.get("blocks"),
-                     f"{w['rows_per_s']:,.0f}" if isinstance(w.get("rows_per_s"), (int, float)) else "-",
-                     f"{w['seconds'] * 1e3:.1f}" if isinstance(w.get("seconds"), (int, float)) else "-")
+    workers_rows = [(w.get("name"), w.get("host"), w.get("pid"), _procs(w.get("procs")), w.get("state"), w.get("rows"),
+                     w.get("blocks"), f"{w['rows_per_s']:,.0f}" if isinstance(w.get("rows_per_s"), (int, float)) else "-",
+                     f"{w['seconds'] * 1e3:.1f}" if isinstance(w.get("seconds"), (int, float)) else "-",
+                     w.get("blas") or "-")
                     for w in final]
     event_rows = [(_when(e["time"]) if "time" in e else "-",
                    f"{e['time'] - t0:.1f}" if "time" in e and t0 is not None else "-", e.get("event"), e.get("detail"))
@@ -257,7 +265,8 @@ def _html(run: Path, d: dict) -> str:
         _img(_speeds(d["events"]), "the workers' speeds over the run",
              "no speeds recorded" if d["events"] else no_workers),
         (f"<p>{len(names)} workers over the run; the table as last recorded:</p>"
-         + _table(workers_rows, ("name", "host", "pid", "state", "rows", "blocks", "rows/s", "last compute ms"))
+         + _table(workers_rows, ("name", "host", "pid", "processes", "state", "rows", "blocks", "rows/s",
+                                 "last compute ms", "BLAS"))
          if final else ""),
         "<h2>Membership and placement events</h2>",
         _table(event_rows, ("time", "s", "event", "detail"), cls="events") if event_rows else

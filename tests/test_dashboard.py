@@ -110,6 +110,10 @@ def test_the_page_loads_without_console_errors_and_its_chart_grows(run):
                                           "return i.complete && i.naturalWidth > 0"), 30, "no filters drawn")
         rows = d.find_elements("css selector", "#workers tbody tr")
         assert len(rows) == 2 and all("active" in r.text for r in rows)
+        blas = {w["name"]: w["blas"] for w in state(url)["workers"]}
+        for r in rows:  # plain workers: one process each, and the BLAS each reported in its HELLO
+            cells = [c.text for c in r.find_elements("css selector", "td")]
+            assert cells[2] == "1" and blas[cells[0]] and cells[-1] == blas[cells[0]], cells
         settings = d.find_element("id", "settings").text
         for word in ("lbfgs", "exact", "float32", "n_hidden=30", "m=20000"):
             assert word in settings
@@ -188,6 +192,36 @@ def test_a_killed_worker_shows_as_lost(run):
         n = state(url)["info"]["history_length"]
         wait_for(lambda: state(url)["info"]["history_length"] > n, 30, "no iteration after the loss")
     assert wait_gone([victim["pid"]], 5) == [] and p.poll() is None
+
+
+def test_an_agent_shows_as_one_row_with_its_processes(tmp_path):
+    """`qsae-master --workers 2` (one agent of 2 processes, the default): one row, processes 2, and
+    the hosts table counts one worker of 2 processes."""
+    browser.require()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, str(ROOT / "bin" / "qsae-master"), "--workers", "2", "--patches", "20000",
+                          "--iters", "100000", "--checkpoint-every", "0", "--dashboard", "127.0.0.1:0",
+                          "--out", str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        url = p.stdout.readline().strip().partition("dashboard: ")[2]
+        assert url.startswith("http://127.0.0.1:"), url
+        with browser.chromium() as d:
+            d.get(url)
+            row = wait_for(lambda: d.find_elements("css selector", "#workers tbody tr.active"), 90,
+                           "the agent never showed as active")
+            cells = [c.text for c in row[0].find_elements("css selector", "td")]
+            assert len(row) == 1 and cells[0] == "local#0" and cells[2] == "2", cells
+            hosts = [c.text for c in d.find_elements("css selector", "#hosts tbody tr td")]
+            assert hosts[1:4] == ["1", "2", "1"], hosts  # workers, processes, active
+            assert browser.console_errors(d) == []
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
 
 
 # ---------------------------------------------------------------------- in-process: the API and the flag

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
 import subprocess
@@ -24,10 +26,10 @@ def run(*args: str, tool: str = "qsae-master") -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory) -> Path:
-    """A 2-worker run of 15 iterations, resumed to 30."""
+    """A run of 15 iterations on 2 plain workers, resumed to 30 on one agent of 2 processes (the default)."""
     out = tmp_path_factory.mktemp("run")
-    common = ("--workers", "2", "--no-agents", "--patches", "4000", "-q", "--dashboard", "off")
-    first = run(*common, "--iters", "15", "--out", str(out))
+    common = ("--workers", "2", "--patches", "4000", "-q", "--dashboard", "off")
+    first = run(*common, "--no-agents", "--iters", "15", "--out", str(out))
     assert first.returncode == 0, first.stderr
     second = run(*common, "--iters", "30", "--resume", str(out))
     assert second.returncode == 0, second.stderr
@@ -56,8 +58,14 @@ def test_the_report_opens_offline_with_its_pictures(resumed_run):
     assert "resumed at iteration\n15" in body or "resumed at iteration 15" in body
     assert re.search(r"final cost \d\.\d{8}", body) and "iterations 30" in body
     assert "finished" in body and "lbfgs" in body and "exact" in body and "float32" in body
-    assert body.count("join") >= 4  # two workers joined each session
+    assert body.count("join") >= 3  # two workers joined the first session, an agent the second
     assert "local#0" in body and "local#1" in body
+    # the table as last recorded: the agent, its 2 processes and its BLAS (library, version, kernel)
+    last = json.loads((resumed_run / "workers.jsonl").read_text().splitlines()[-1])["workers"]
+    assert [w["procs"] for w in last] == [2] and last[0]["blas"]
+    assert "<th>processes</th>" in text and "<th>BLAS</th>" in text
+    assert re.search(rf"<tr><td>local#0</td><td>[^<]*</td><td>{last[0]['pid']}</td><td>2</td>", text)
+    assert f"<td>{html.escape(last[0]['blas'])}</td>" in text
 
 
 def test_python_m_writes_the_same_report_elsewhere(resumed_run, tmp_path):
