@@ -30,6 +30,7 @@ import collections
 import logging
 import os
 import select
+import signal
 import statistics
 import time
 
@@ -52,6 +53,12 @@ __all__ = ["Agent", "split"]
 log = logging.getLogger("qsae.agent")
 
 MAX_RESPAWNS = 3  # a compute process dying this often in one request is no accident: the request fails
+# A compute process that has run this many times its predicted seconds (its measured speed), and
+# at least STALL_SECONDS, while another of the host's processes has answered, is stalled (stopped,
+# frozen, hung): it is killed and forked again, and its blocks computed by the new one. The
+# master's backups cannot do this where this agent is the only one (a single machine).
+STALL_FACTOR = 4.0
+STALL_SECONDS = 2.0
 
 
 def split(ids: list[int], parts: int) -> list[list[int]]:
@@ -143,10 +150,11 @@ class Agent(Worker):
             ids = sorted(new.blocks)
             self._ask({slot: (HOLD, [self.rows[b] for b in ids if b in self.rows], {"ids": ids})})
 
-    def _ask(self, requests: dict[int, tuple]) -> dict[int, tuple[dict, list]]:
+    def _ask(self, requests: dict[int, tuple], predicted: dict[int, float] | None = None) -> dict[int, tuple[dict, list]]:
         """Send each slot its request (type, arrays, fields); gather one reply each, pinging the
         master meanwhile. A process that dies (before, while or after it computes) is forked
-        again, given its blocks again and asked again."""
+        again, given its blocks again and asked again; so is one that stalls (``predicted``:
+        seconds each slot should take, from its measured speed; see ``STALL_FACTOR``)."""
         tries: dict[int, int] = {}
         for slot in requests:
             self._post(slot, requests[slot], tries)
@@ -156,9 +164,17 @@ class Agent(Worker):
         for slot in requests:
             slot_of[self.children[slot].fileno()] = slot
             poller.register(self.children[slot].fileno(), select.POLLIN)
+        t0 = time.monotonic()
+        stall = {slot: t0 + max(STALL_FACTOR * sec, STALL_SECONDS) for slot, sec in (predicted or {}).items()}
         while len(replies) < len(requests):
-            ready = poller.poll(self.heartbeat * 1000)
+            wait = self.heartbeat
+            due = [d for slot, d in stall.items() if slot not in replies]
+            if due and replies:  # stalls are told only while another process is answering
+                wait = max(0.0, min(wait, min(due) - time.monotonic()))
+            ready = poller.poll(wait * 1000)
             self._tick(busy=True)
+            if due and replies and not ready:
+                self._kill_stalled(stall, replies, t0)
             if self._poller.poll(0):  # the master's PONGs queued meanwhile: it is still there
                 self._last_heard = time.monotonic()
             for fd, _ in ready:  # readable, or hung up (POLLHUP): the read tells
@@ -181,6 +197,22 @@ class Agent(Worker):
             e = errors[0]
             raise WorkerError(f"compute process: {e['etype']}: {e['message']}\n{e['traceback']}")
         return replies
+
+    def _kill_stalled(self, stall: dict[int, float], replies: dict, t0: float) -> None:
+        """SIGKILL every process past its stall time that has not answered: its socket then says EOF
+        and ``_ask`` forks it again and asks again, as for a process that died."""
+        now = time.monotonic()
+        for slot, deadline in list(stall.items()):
+            if slot in replies or now < deadline:
+                continue
+            del stall[slot]  # once a request: the new process has its blocks to cut first
+            pid = self.children[slot].pid
+            log.warning("%s: compute process %d (pid %d) stalled: no answer in %.1f s, %.0f× its predicted time; "
+                        "killed, to be forked again", self.name, slot, pid, now - t0, STALL_FACTOR)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # gone already: its EOF is on the way
+                pass
 
     def _post(self, slot: int, request: tuple, tries: dict[int, int]) -> None:
         """Write one request to slot's process, forking it again first if it is gone."""
@@ -272,8 +304,9 @@ class Agent(Worker):
                                 f"of evaluation {self._theta_of}: it holds no θ for it")
         arrays = [arg, self._theta] if first else [arg]
         t0 = time.perf_counter()
+        assigned = self._assign(ids)
         replies = self._ask({slot: (C_EVAL, arrays, {"op": op, "ids": part, "evaluation": evaluation})
-                             for slot, part in self._assign(ids).items()})
+                             for slot, part in assigned.items()}, self._predicted(assigned))
         seconds = time.perf_counter() - t0
         rows = sum(head["rows"] for head, _ in replies.values())
         if op not in PER_BLOCK:  # "average": each process's blocks are one shard; their m·J, m·∇J add up
@@ -296,6 +329,15 @@ class Agent(Worker):
             self._balance()
 
     # -- balance between the host's processes
+    def _predicted(self, assigned: dict[int, list[int]]) -> dict[int, float]:
+        """Seconds each slot should take for its blocks, at its measured speed (slots not measured yet: none)."""
+        out = {}
+        for slot, ids in assigned.items():
+            speed = self.samples.get(slot)
+            if speed:
+                out[slot] = rows_in(tree.runs(ids), self.source["m"], self.source["block_rows"]) / statistics.median(speed)
+        return out
+
     def _measure(self, replies: dict[int, tuple[dict, list]]) -> None:
         """A speed sample (rows per compute second) of every process that answered a round long
         enough to time (``MIN_SAMPLE_SECONDS``)."""

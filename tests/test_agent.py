@@ -252,6 +252,43 @@ def test_an_agent_moves_blocks_to_its_faster_process_and_the_bits_stay(images, c
     np.testing.assert_array_equal(result.x, ref.x)
 
 
+def test_a_stalled_compute_process_is_forked_again_and_the_bits_stay(images, caplog) -> None:
+    """One agent of 2 processes, the only worker (a single machine: the master has nobody to back
+    it up with): one process SIGSTOPped for good mid-run is told stalled (4× its predicted time,
+    2 s at least, while the other answered), killed and forked again, and its blocks computed by
+    the new one; the L-BFGS history and θ are those of 2 plain workers, bit for bit."""
+    import logging
+
+    m, iters, opts = 20_000, 12, dict(config=CFG, block_rows=1000)
+    with Master(workers=2, **opts) as master:
+        master.scatter_images(images, m=m, seed=0)
+        ref = master.fit(init_params(CFG), maxiter=iters)
+    caplog.set_level(logging.INFO)
+    with Master(launcher=LocalLauncher(1, procs=2), worker_timeout=30.0, **opts) as master:
+        master.scatter_images(images, m=m, seed=0)
+        agent = agent_pids(master)[0]
+        victim = sorted(children(agent))[1]
+        calls = 0
+
+        def stop_at_the_fourth(theta):
+            nonlocal calls
+            calls += 1
+            if calls == 4:  # speeds measured by then: the agent predicts each process's time
+                os.kill(victim, signal.SIGSTOP)
+            return master(theta)
+
+        from qsae.optim import minimize
+
+        result = minimize(stop_at_the_fourth, init_params(CFG), method="lbfgs", maxiter=iters)
+        assert wait_gone([victim], 10) == []  # killed, though stopped
+        assert len(children(agent)) == 2 and victim not in children(agent)
+        assert master.n_workers == 1
+    stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
+    assert stalled and f"pid {victim}" in stalled[0], stalled
+    np.testing.assert_array_equal(costs(result), costs(ref))
+    np.testing.assert_array_equal(result.x, ref.x)
+
+
 def test_an_agent_stops_its_processes_on_sigterm(images) -> None:
     """SIGTERM: the agent says BYE, closes its processes' sockets and reaps them."""
     with Master(launcher=LocalLauncher(2, procs=2), **OPTS) as master:
