@@ -10,9 +10,10 @@ Workers connect with DEALER sockets and say HELLO; only the master needs an open
 data set is cut into blocks of rows (``qsae.layout``); each worker gets the data's source once
 and then holds a set of blocks. What to do is decided by ``qsae.coordinator.Coordinator``, a
 state machine without sockets (membership, placement, rounds, recovery: events in, messages
-out); this module is its shell: it owns the ROUTER socket, CURVE and the launcher, and runs
-one receive loop (``qsae.router``) that feeds the coordinator what arrives and the passing of time,
-and sends what it answers. The reducer's rounds (``Reducer.steps``) are driven from here: a
+out); this module is its shell: it owns the ROUTER socket, CURVE and the launcher (started,
+with the workers' HELLOs awaited, by ``qsae.startup``), and runs one receive loop
+(``qsae.router``) that feeds the coordinator what arrives and the passing of time, and sends
+what it answers. The reducer's rounds (``Reducer.steps``) are driven from here: a
 round the coordinator reports lost (a worker silent for ``worker_timeout`` or gone) ends the
 evaluation, which settles again and runs from its first round, so the optimizer never sees
 a partial sum.
@@ -35,13 +36,14 @@ from typing import Callable
 
 import numpy as np
 
-from .coordinator import Coordinator, secs as _secs
-from .errors import ConfigError, LaunchError, RoundTimeout
+from .coordinator import Coordinator
+from .errors import ConfigError
 from .layout import Layout
 from .membership import WorkerInfo
 from .model import SAEConfig
 from .reduce import make_reducer
 from .router import Router
+from .startup import Startup
 
 __all__ = ["Master", "WorkerInfo"]
 
@@ -65,18 +67,6 @@ def _check_options(dtype, balance: str, heartbeat: float, worker_timeout: float,
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
                                    or block_rows < 1):
         raise ConfigError(f"block_rows={block_rows!r}: expected a whole number of rows >= 1 (or None to choose)")
-
-
-def _launch_config(keys: dict[int, dict]) -> Callable[[int], dict]:
-    """A launcher's ``config(k)`` handing out ``keys`` (CURVE key pairs; {} without) in call order."""
-    order: list[int] = []
-
-    def config(k: int) -> dict:  # k is the launcher's global index; keys are handed out in call order
-        if k not in order:
-            order.append(k)
-        return {"curve": keys.get(order.index(k)) if keys else None, "threads": 1}
-
-    return config
 
 
 class Master:
@@ -142,12 +132,12 @@ class Master:
                               "DIR/worker to every node, and pass --keys DIR to the master and --keys DIR/worker "
                               "to each qsae-worker (or --insecure)")
         self.heartbeat, self.worker_timeout, self.start_timeout = heartbeat, worker_timeout, start_timeout
-        self.address: str | None = None
-        self.server_public: bytes | None = None
         self.layout = Layout(self.config, self.dtype, balance, block_rows)
         self.coordinator = Coordinator(self.layout, heartbeat, worker_timeout, on_event)
         self.members = self.coordinator.members
         self.router = Router(self.coordinator, self.config, self.curve, keys, heartbeat)
+        self.startup = Startup(self.router, self.members, launcher, curve=self.curve, keys=keys,
+                               expected=self.expected, min_workers=self.min_workers, start_timeout=start_timeout)
         self._lock = self.router.lock
         self._closed = False
 
@@ -198,65 +188,24 @@ class Master:
         Whatever fails on the way (the port is taken, the address is not this machine's, the
         workers do not come) closes what was opened before the error is raised."""
         try:
-            self._start()
+            self.startup.start(self.bind, self.port)
         except BaseException:
             self.close()
             raise
 
-    def _start(self) -> None:
-        if self.launcher is not None:
-            self.launcher.prepare()
-        host = self.bind or (self.launcher.bind_address() if self.launcher is not None else "127.0.0.1")
-        self.address = self.router.bind(host, self.port)
-        self.server_public = self.router.server_public
-        if self.curve:
-            log.info("master listening on %s (CURVE)", self.address)
-        else:  # every start, not once per process: each run opens a new port
-            log.warning("running without encryption: anyone who can reach %s can join and read the weights "
-                        "(drop curve=False / --insecure to encrypt)", self.address)
-        # the heartbeat first: workers that said HELLO hear from the master while the launcher
-        # is still starting the others (64 on 2 cores take longer than a worker's 10 s timeout)
-        self.router.start_heartbeat()
-        t0 = time.monotonic()
-        if self.launcher is not None:
-            self.launcher.start(self.address, self._worker_config(self.launcher.n_workers))
-        else:
-            log.info("waiting up to %s s for %d hand-started workers; on each node run\n  %s", _secs(self.start_timeout),
-                     self.min_workers, self.worker_command())
-        self._await_hellos(t0)
+    @property
+    def address(self) -> str | None:
+        """The bound address, tcp://HOST:PORT (None before ``start``)."""
+        return self.startup.address
+
+    @property
+    def server_public(self) -> bytes | None:
+        """The master's CURVE public key (None before ``start``, or without CURVE)."""
+        return self.router.server_public
 
     def worker_command(self) -> str:
         """The ``qsae-worker`` command that joins this (started) master, for hand-started workers."""
-        import socket as _socket
-
-        host, _, port = (self.address or "tcp://MASTER:PORT")[len("tcp://"):].rpartition(":")
-        if host in ("0.0.0.0", "*", "[::]", "::"):  # bound to every interface: name this host
-            host = _socket.getfqdn() or "MASTER"
-        keys = f" --keys {self.keys.rstrip('/')}/worker" if self.curve and self.keys else ""
-        return f"qsae-worker --connect tcp://{host}:{port}{keys}"
-
-    def _worker_config(self, n: int) -> Callable[[int], dict]:
-        """The launch configuration of n new workers: a CURVE key pair each, admitted from now on."""
-        return _launch_config({i: self.router.new_client() for i in range(n)} if self.curve else {})
-
-    def _await_hellos(self, t0: float) -> None:
-        """Wait until ``min_workers`` said HELLO, ``start_timeout`` s from ``t0`` at most."""
-        deadline = t0 + self.start_timeout
-        while len(self.members) < self.min_workers:
-            left = deadline - time.monotonic()
-            failed = self.launcher.failures() if self.launcher is not None else []
-            possible = self.expected - len(failed)  # each failure line stands for at least one worker
-            if left <= 0 or (failed and possible < self.min_workers):
-                why = "".join(f"\n  {f}" for f in failed)
-                fix = ("" if failed else
-                       f"; start them with `{self.worker_command()}`" if self.launcher is None else
-                       "; see each worker's lines in the log")
-                raise (LaunchError if failed else RoundTimeout)(
-                    f"{len(self.members)} of {self.min_workers} workers said HELLO within "
-                    f"{_secs(time.monotonic() - t0)} s on {self.address}{fix}; a longer start_timeout "
-                    f"(--start-timeout) waits longer, a smaller min_workers (--min-workers) goes on with fewer{why}")
-            with self._lock:  # the heartbeat thread uses the socket too
-                self.router.pump(min(left, 0.2))
+        return self.startup.worker_command()
 
     def add_workers(self, n: int) -> None:
         """Start ``n`` more workers with the launcher; they get blocks at the next evaluation."""
@@ -267,10 +216,7 @@ class Master:
                               f"{self.address} --keys DIR/worker` by hand instead: they join by themselves")
         if self._sock is None:
             raise ConfigError("add_workers before start(): use Master(workers=N) or call start() first")
-        # not under the socket's lock: a launcher may take many seconds (an SSH host that does not
-        # answer, a Slurm queue), and the heartbeat thread must keep pinging the workers meanwhile
-        # (else they quit after their --master-timeout while status() still calls them active)
-        self.launcher.add(n, self.address, self._worker_config(n))
+        self.startup.add(n)  # not under the socket's lock: the heartbeat goes on while a launcher starts them
 
     def close(self) -> None:
         """Stop every worker and release the socket; safe to call twice, never hangs."""
