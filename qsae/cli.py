@@ -484,11 +484,16 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
     return _exit_status(result)
 
 
+def _procs(procs) -> int:
+    """An agent's compute processes from its status (a count, or a list of them)."""
+    return procs if isinstance(procs, int) else len(procs)
+
+
 def _placed(master) -> str:
     """"3 workers", or "2 agents of 4 processes" / "1 agent of 2 processes and 1 worker": what computes."""
-    procs = [w["procs"] for w in master.status()]
-    agents = [p if isinstance(p, int) else len(p) for p in procs if p]
-    plain = len(procs) - len(agents)
+    status = master.status()
+    agents = [_procs(w["procs"]) for w in status if w["procs"]]
+    plain = len(status) - len(agents)
     parts = []
     if agents:
         each = f"{agents[0]}" if len(set(agents)) == 1 else f"{min(agents)}-{max(agents)}"
@@ -641,7 +646,8 @@ class _EventLog:
 
         if len(workers) <= cls.TABLE_WORKERS:
             return [f"  {w.get('name', '?'):<16} {w.get('state', '?'):<8} {w.get('rows', 0):>9} rows  "
-                    + (f"{rate(w):,.0f} rows/s" if rate(w) is not None else "- rows/s") for w in workers]
+                    + (f"{rate(w):,.0f} rows/s" if rate(w) is not None else "- rows/s")
+                    + (f"  ({_procs(w['procs'])} processes)" if w.get("procs") else "") for w in workers]
         states = collections.Counter(w.get("state", "?") for w in workers)
         rows = [w.get("rows", 0) for w in workers if w.get("rows", 0)]
         rates = [r for r in map(rate, workers) if r is not None]

@@ -351,6 +351,7 @@ def test_cli_runs_one_agent_per_machine_by_default(tmp_path) -> None:
 
     out, log, agent_history, workers = run("--workers", "2")
     assert "patches on 1 agent of 2 processes" in out and "2 compute processes forked" in log
+    assert re.search(r"local#0 +active +2000 rows .*\(2 processes\)", out), out  # the workers' table
     assert len(workers) == 1 and workers[0]["procs"] == 2
     out, log, plain_history, workers = run("--workers", "2", "--no-agents")
     assert "patches on 2 workers" in out and "compute processes forked" not in log and len(workers) == 2
