@@ -308,6 +308,7 @@ class Agent(Worker):
         replies = self._ask({slot: (C_EVAL, arrays, {"op": op, "ids": part, "evaluation": evaluation})
                              for slot, part in assigned.items()}, self._predicted(assigned))
         seconds = time.perf_counter() - t0
+        self._measure(replies)  # every op: the stall times; moves only where the tree adds the rows (below)
         rows = sum(head["rows"] for head, _ in replies.values())
         if op not in PER_BLOCK:  # "average": each process's blocks are one shard; their m·J, m·∇J add up
             out = sum(replies[s][1][0] for s in sorted(replies))
@@ -324,19 +325,16 @@ class Agent(Worker):
                       nodes=[tree.code(n) for n in part],
                       rows=rows_in(spans, self.source["m"], self.source["block_rows"]),
                       seconds=seconds)
-        self._measure(replies)
         if not OP_TABLE[op].keeps:  # never between the rounds of one evaluation
             self._balance()
 
     # -- balance between the host's processes
     def _predicted(self, assigned: dict[int, list[int]]) -> dict[int, float]:
-        """Seconds each slot should take for its blocks, at its measured speed (slots not measured yet: none)."""
-        out = {}
-        for slot, ids in assigned.items():
-            speed = self.samples.get(slot)
-            if speed:
-                out[slot] = rows_in(tree.runs(ids), self.source["m"], self.source["block_rows"]) / statistics.median(speed)
-        return out
+        """Seconds each slot should take for its blocks at the slowest of its measured speeds (full
+        blocks: an upper bound, cheap at 64 processes a round; slots not measured yet: none)."""
+        rows = self.source["block_rows"]
+        return {slot: len(ids) * rows / min(self.samples[slot]) for slot, ids in assigned.items()
+                if self.samples.get(slot)}
 
     def _measure(self, replies: dict[int, tuple[dict, list]]) -> None:
         """A speed sample (rows per compute second) of every process that answered a round long
