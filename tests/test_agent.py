@@ -216,10 +216,10 @@ def test_an_agent_moves_blocks_to_its_faster_process_and_the_bits_stay(images, c
     """One agent of 2 processes, one of them stopped half the time (SIGSTOP 10 ms, SIGCONT 10 ms,
     as a core shared with a busy neighbour): the agent measures both and moves blocks to the fast
     one with the master's planner, and the L-BFGS history and θ are those of 2 plain workers, bit
-    for bit (20,000 patches in 20 blocks: rounds long enough to time, blocks moved mid-run)."""
+    for bit (60,000 patches in 20 blocks: rounds long enough to time, blocks moved mid-run)."""
     import logging
 
-    m, iters, opts = 20_000, 15, dict(config=CFG, block_rows=1000)  # exact, one round
+    m, iters, opts = 60_000, 15, dict(config=CFG, block_rows=3000)  # exact, one round; rounds of 20+ ms
     with Master(workers=2, **opts) as master:
         master.scatter_images(images, m=m, seed=0)
         ref = master.fit(init_params(CFG), maxiter=iters)
@@ -259,7 +259,7 @@ def test_a_stalled_compute_process_is_forked_again_and_the_bits_stay(images, cap
     the new one; the L-BFGS history and θ are those of 2 plain workers, bit for bit."""
     import logging
 
-    m, iters, opts = 20_000, 12, dict(config=CFG, block_rows=1000)
+    m, iters, opts = 60_000, 12, dict(config=CFG, block_rows=3000)  # rounds of 20+ ms: timed, so predicted
     with Master(workers=2, **opts) as master:
         master.scatter_images(images, m=m, seed=0)
         ref = master.fit(init_params(CFG), maxiter=iters)
