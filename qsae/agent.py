@@ -150,7 +150,8 @@ class Agent(Worker):
             ids = sorted(new.blocks)
             self._ask({slot: (HOLD, [self.rows[b] for b in ids if b in self.rows], {"ids": ids})})
 
-    def _ask(self, requests: dict[int, tuple], predicted: dict[int, float] | None = None) -> dict[int, tuple[dict, list]]:
+    def _ask(self, requests: dict[int, tuple],
+             predicted: dict[int, float] | None = None) -> dict[int, tuple[dict, list]]:
         """Send each slot its request (type, arrays, fields); gather one reply each, pinging the
         master meanwhile. A process that dies (before, while or after it computes) is forked
         again, given its blocks again and asked again; so is one that stalls (``predicted``:

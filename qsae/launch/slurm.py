@@ -68,6 +68,8 @@ def _cpus_list(value: str) -> list[int]:
 # "Job/step already completing or completed", "Job has been cancelled"; exit 1 each)
 STALE_JOB_WORDS = ("invalid job id", "already completing or completed", "job has been cancelled")
 
+_NO_AGENTS = "start without agents, one step per task (qsae-master --no-agents, SlurmLauncher(agents=False))"
+
 class SlurmLauncher(ChildProcessLauncher):
     """Workers as job steps of the Slurm allocation this process runs in.
 
@@ -181,10 +183,10 @@ class SlurmLauncher(ChildProcessLauncher):
                 cpus = _cpus_list(os.environ.get("SLURM_JOB_CPUS_PER_NODE", ""))
             except (OSError, subprocess.SubprocessError, ValueError) as e:
                 raise LaunchError(f"allocation {self.job_id}: cannot tell its nodes and their CPUs for agents ({e}); "
-                                  "start without agents (one step per task)") from e
+                                  f"{_NO_AGENTS}") from e
             if not names or len(cpus) != len(names):
                 raise LaunchError(f"allocation {self.job_id}: nodes {names} and CPUs per node {cpus} do not match; "
-                                  "start without agents (one step per task)")
+                                  f"{_NO_AGENTS}")
             self._nodes = list(zip(names, cpus))
         return self._nodes
 
