@@ -26,6 +26,7 @@ DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT / "tests"))
 
 import browser  # noqa: E402
+from procs import stop  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -72,12 +73,7 @@ def dashboard(tmp: Path) -> None:
             d.get(bare)
             d.save_screenshot(str(DOCS / "dashboard-refused.png"))
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
+        stop(p)
 
 
 def report(tmp: Path) -> None:

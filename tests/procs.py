@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -24,6 +25,16 @@ def wait_gone(pids, seconds: float = 10.0) -> list[int]:
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
     return [p for p in pids if alive(p)]
+
+
+def stop(p: subprocess.Popen) -> None:
+    """SIGTERM a qsae-master (it saves and stops its workers); SIGKILL it after 60 s (tests and docs/make_screenshots.py)."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
 
 
 @contextlib.contextmanager

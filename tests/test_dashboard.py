@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import browser
-from procs import wait_gone
+from procs import stop, wait_gone
 from qsae.dashboard import Dashboard, parse_address
 from qsae.errors import ConfigError
 
@@ -67,12 +67,7 @@ def run(tmp_path_factory):
         port, token = m.groups()
         yield p, f"http://127.0.0.1:{port}/?token={token}", f"http://127.0.0.1:{port}/"
     finally:
-        p.send_signal(signal.SIGTERM)  # saves and stops its workers
-        try:
-            p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
+        stop(p)
 
 
 def state(url: str) -> dict:
@@ -216,12 +211,7 @@ def test_an_agent_shows_as_one_row_with_its_processes(tmp_path):
             assert hosts[1:4] == ["1", "2", "1"], hosts  # workers, processes, active
             assert browser.console_errors(d) == []
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
+        stop(p)
 
 
 # ---------------------------------------------------------------------- in-process: the API and the flag
