@@ -59,6 +59,7 @@ MAX_RESPAWNS = 3  # a compute process dying this often in one request is no acci
 # master's backups cannot do this where this agent is the only one (a single machine).
 STALL_FACTOR = 4.0
 STALL_SECONDS = 2.0
+STALL_CHECK = 0.25  # seconds between looks for stalls (not at every reply: a round stays O(P))
 
 
 def split(ids: list[int], parts: int) -> list[list[int]]:
@@ -92,7 +93,7 @@ class Agent(Worker):
         self.samples: dict[int, collections.deque] = {}
         self.rounds_since_moves = 0
         self.move_seconds = 0.0
-        self.moved = 0  # blocks moved between this host's processes
+        self.balancing = True  # until a move fails
 
     # -- the connection
     def hello(self) -> None:
@@ -167,15 +168,14 @@ class Agent(Worker):
             poller.register(self.children[slot].fileno(), select.POLLIN)
         t0 = time.monotonic()
         stall = {slot: t0 + max(STALL_FACTOR * sec, STALL_SECONDS) for slot, sec in (predicted or {}).items()}
+        next_check = t0 + STALL_SECONDS
         while len(replies) < len(requests):
-            wait = self.heartbeat
-            due = [d for slot, d in stall.items() if slot not in replies]
-            if due and replies:  # stalls are told only while another process is answering
-                wait = max(0.0, min(wait, min(due) - time.monotonic()))
-            ready = poller.poll(wait * 1000)
+            ready = poller.poll(self.heartbeat * 1000)
             self._tick(busy=True)
-            if due and replies and not ready:
-                self._kill_stalled(stall, replies, t0)
+            now = time.monotonic()
+            if stall and replies and now >= next_check:  # stalls are told only while another process answers
+                next_check = now + STALL_CHECK
+                self._kill_stalled(stall, replies, t0, now)
             if self._poller.poll(0):  # the master's PONGs queued meanwhile: it is still there
                 self._last_heard = time.monotonic()
             for fd, _ in ready:  # readable, or hung up (POLLHUP): the read tells
@@ -199,10 +199,9 @@ class Agent(Worker):
             raise WorkerError(f"compute process: {e['etype']}: {e['message']}\n{e['traceback']}")
         return replies
 
-    def _kill_stalled(self, stall: dict[int, float], replies: dict, t0: float) -> None:
+    def _kill_stalled(self, stall: dict[int, float], replies: dict, t0: float, now: float) -> None:
         """SIGKILL every process past its stall time that has not answered: its socket then says EOF
         and ``_ask`` forks it again and asks again, as for a process that died."""
-        now = time.monotonic()
         for slot, deadline in list(stall.items()):
             if slot in replies or now < deadline:
                 continue
@@ -298,7 +297,7 @@ class Agent(Worker):
         return out
 
     def _on_eval(self, msg) -> None:
-        op, arg, ids, evaluation = self._begin_eval(msg)
+        op, arg, spans, ids, evaluation = self._begin_eval(msg)
         first = OP_TABLE[op].after  # a second round: its processes may need the first round's θ
         if first and self._theta_of != evaluation:
             raise ProtocolError(f"{op} round of evaluation {evaluation}, but this agent's last {first} round was "
@@ -317,7 +316,7 @@ class Agent(Worker):
             return
         B = -(-self.source["m"] // self.source["block_rows"])
         known = {tree.decode(c, B): row for head, (out,) in replies.values() for c, row in zip(head["nodes"], out)}
-        nodes = tree.cover_runs(tree.pairs(msg["spans"]), B)
+        nodes = tree.cover_runs(spans, B)
         out = np.stack([tree.value(n, known, B) for n in nodes])  # along the tree: the bits of any placement
         for lo in range(0, len(nodes), MAX_RESULT_ROWS):
             part = nodes[lo:lo + MAX_RESULT_ROWS]
@@ -352,7 +351,7 @@ class Agent(Worker):
         moves. The tree adds a block's row wherever it is computed, so the bits stay those of any
         placement. A move that fails (a process out of memory) is logged and balancing stops."""
         busy = [c for c in self.children if c.blocks]
-        if (len(busy) < 2 or self.rounds_since_moves < SPEED_SAMPLES
+        if (not self.balancing or len(busy) < 2 or self.rounds_since_moves < SPEED_SAMPLES
                 or any(len(self.samples.get(c.slot, ())) < SPEED_SAMPLES for c in busy)):
             return
         own = sorted(b for c in busy for b in c.blocks)  # numbered 0..k-1 for the planner, in block order
@@ -374,7 +373,7 @@ class Agent(Worker):
                        for slot, ids in gets.items()})
         except WorkerError as e:  # the source process still holds them all: nothing changed but the try
             log.warning("%s: blocks not moved between its processes (%s); it stops balancing them", self.name, e)
-            self.rounds_since_moves = -(1 << 62)
+            self.balancing = False
             return
         for slot, ids in gets.items():
             self.children[slot].blocks.update(ids)
@@ -388,7 +387,6 @@ class Agent(Worker):
         per_block = (time.perf_counter() - t0) / max(len(ids) for ids in gets.values())
         self.move_seconds = per_block if self.move_seconds == 0 else 0.5 * (self.move_seconds + per_block)
         self.samples, self.rounds_since_moves = {}, 0
-        self.moved += len(moves)
         log.info("%s: %d blocks moved between its processes by measured speed (%s); blocks now %s", self.name,
                  len(moves), ", ".join(f"{v.key}: {v.speed:,.0f} rows/s" for v in views),
                  ", ".join(f"{c.slot}: {len(c.blocks)}" for c in self.children))
