@@ -393,26 +393,28 @@ class Worker:
 
     # -- rounds
     def _begin_eval(self, msg) -> tuple:
-        """(op, arg, ids, evaluation) of an EVAL, checked; a forward round's θ kept, tagged with its
-        evaluation (workers and agents alike)."""
+        """(op, arg, spans, ids, evaluation) of an EVAL, checked (spans: its ranges of block ids as
+        pairs, ids: their blocks); a forward round's θ kept, tagged with its evaluation (workers
+        and agents alike)."""
         op, arg, evaluation = msg["op"], msg.arrays[0], msg["evaluation"]
-        ids = tree.blocks_of(tree.pairs(msg["spans"]))
+        spans = tree.pairs(msg["spans"])
+        ids = tree.blocks_of(spans)
         if op not in OPS:
             raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
         if self.source is None:
             raise RuntimeError("EVAL before the data arrived: the worker holds no data")
         if OP_TABLE[op].keeps:  # the next round's op may compute its state again: from this θ only
             self._theta, self._theta_of = np.array(arg), evaluation
-        return op, arg, ids, evaluation
+        return op, arg, spans, ids, evaluation
 
     def _on_eval(self, msg) -> None:
         """Compute the blocks an EVAL names (``qsae.compute.Blocks.evaluate``: held ones, or a
         straggler's cut now; a backward round uses activations of this evaluation's θ only) and
         answer with a row per tree node they make (several RESULTs past ``MAX_RESULT_ROWS``)."""
-        op, arg, ids, evaluation = self._begin_eval(msg)
+        op, arg, spans, ids, evaluation = self._begin_eval(msg)
         theta = self._theta if self._theta_of == evaluation else None  # backward: never an older θ's
         src = self.source
-        rows = rows_in(tree.pairs(msg["spans"]), src["m"], src["block_rows"])
+        rows = rows_in(spans, src["m"], src["block_rows"])
         t0 = time.perf_counter()
         if rows * src["config"].n_visible * src["config"].n_hidden <= INLINE_WORK:
             codes, out = self.store.evaluate(op, ids, evaluation, arg, theta)
