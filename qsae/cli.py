@@ -184,14 +184,9 @@ def _check_args(args: argparse.Namespace, given: set[str]) -> None:
     need(not (args.agents and (args.local or args.wait_for is not None)),
          "--agents starts agents with --workers N, --hosts FILE or --slurm; hand-started ones are `qsae-worker "
          "--procs N`, and --local starts none: drop --agents")
-    here = not (args.local or args.wait_for is not None or args.hosts is not None or args.slurm)  # local workers
-    need(not (args.agents and here and args.min_workers is not None),
+    need(not (args.agents and _here(args) and args.min_workers is not None),
          "--min-workers counts connections, and local processes with --agents are one (one agent): drop --agents "
          "to start plain workers of which --min-workers may go on without the others")
-    if args.agents is None:  # the default: one agent per machine wherever a machine runs several processes,
-        # but workers where --min-workers counts them (an agent counts as one: give --agents for that)
-        args.agents = not (args.local or args.wait_for is not None or args.min_workers is not None
-                           or (here and (args.workers or os.cpu_count() or 1) == 1))
     if args.min_workers is not None:
         need(not args.local, "--min-workers means nothing with --local (no workers): drop one of them")
         need(args.min_workers >= 1, f"--min-workers {args.min_workers}: give N >= 1")
@@ -390,19 +385,34 @@ def _describe_images(source: str, images: list) -> str:
     return line
 
 
+def _here(args: argparse.Namespace) -> bool:
+    """The workers are local processes that this master starts (``--workers N`` or no mode flag)."""
+    return not (args.local or args.wait_for is not None or args.hosts is not None or args.slurm)
+
+
+def _agents(args: argparse.Namespace) -> bool:
+    """``--agents`` as given, else the default: one agent per machine wherever a machine runs several
+    processes, but workers where ``--min-workers`` counts them (an agent counts as one)."""
+    if args.agents is not None:
+        return args.agents
+    return not (args.local or args.wait_for is not None or args.min_workers is not None
+                or (_here(args) and (args.workers or os.cpu_count() or 1) == 1))
+
+
 def _launcher(args: argparse.Namespace):
     """The SSH or Slurm launcher the flags ask for (None for local or hand-started workers)."""
+    agents = _agents(args)
     if args.hosts is not None:
         from .launch import SSHLauncher, parse_hosts
 
         return SSHLauncher(parse_hosts(args.hosts), accept_new_host_keys=args.accept_new_host_keys,
                            min_workers=args.min_workers, ssh_config=args.ssh_config or "~/.ssh/config",
-                           connect_timeout=args.connect_timeout, agents=args.agents)
+                           connect_timeout=args.connect_timeout, agents=agents)
     if args.slurm:
         from .launch import SlurmLauncher
 
-        return SlurmLauncher(agents=args.agents)  # agents: one step per node, with all its CPUs
-    if args.agents and not args.local and args.wait_for is None:  # this machine: one agent of N processes
+        return SlurmLauncher(agents=agents)  # agents: one step per node, with all its CPUs
+    if agents and _here(args):  # this machine: one agent of N processes
         from .launch import LocalLauncher
 
         return LocalLauncher(1, procs=args.workers or os.cpu_count() or 1)
@@ -484,15 +494,12 @@ def _run(args: argparse.Namespace, given: set[str]) -> int:
     return _exit_status(result)
 
 
-def _procs(procs) -> int:
-    """An agent's compute processes from its status (a count, or a list of them)."""
-    return procs if isinstance(procs, int) else len(procs)
-
-
 def _placed(master) -> str:
     """"3 workers", or "2 agents of 4 processes" / "1 agent of 2 processes and 1 worker": what computes."""
+    from .membership import processes
+
     status = master.status()
-    agents = [_procs(w["procs"]) for w in status if w["procs"]]
+    agents = [processes(w["procs"]) for w in status if w["procs"]]
     plain = len(status) - len(agents)
     parts = []
     if agents:
@@ -640,6 +647,8 @@ class _EventLog:
     @classmethod
     def lines(cls, workers: list[dict]) -> list[str]:
         """The table (few workers) or the summary line (many) of the workers' rows and speeds."""
+        from .membership import processes
+
         def rate(w: dict) -> float | None:
             r = w.get("rows_per_s")
             return r if isinstance(r, (int, float)) and r == r else None
@@ -647,7 +656,7 @@ class _EventLog:
         if len(workers) <= cls.TABLE_WORKERS:
             return [f"  {w.get('name', '?'):<16} {w.get('state', '?'):<8} {w.get('rows', 0):>9} rows  "
                     + (f"{rate(w):,.0f} rows/s" if rate(w) is not None else "- rows/s")
-                    + (f"  ({_procs(w['procs'])} processes)" if w.get("procs") else "") for w in workers]
+                    + (f"  ({processes(w['procs'])} processes)" if w.get("procs") else "") for w in workers]
         states = collections.Counter(w.get("state", "?") for w in workers)
         rows = [w.get("rows", 0) for w in workers if w.get("rows", 0)]
         rates = [r for r in map(rate, workers) if r is not None]
