@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["ACTIVE", "JOINING", "LEAVING", "LOST", "SPEED_SAMPLES", "WorkerInfo", "Membership"]
+__all__ = ["ACTIVE", "JOINING", "LEAVING", "LOST", "SPEED_SAMPLES", "WorkerInfo", "Membership", "processes"]
 
 log = logging.getLogger("qsae.master")
 
@@ -31,6 +31,14 @@ SPEED_SAMPLES = 5  # rounds in a worker's speed median: one outlier in five neve
 # moved blocks back and forth, each move dearer than what it saved)
 MIN_SAMPLE_SECONDS = 0.01
 KEEP_GONE = 64  # departed and lost workers kept for status()
+
+
+def processes(procs) -> int:
+    """A worker's compute processes from the ``procs`` of its status (or of a workers.jsonl line):
+    an agent's count, or the length of its list; 1 for a plain worker (None) or anything else."""
+    if isinstance(procs, list):
+        return len(procs)
+    return procs if isinstance(procs, int) and not isinstance(procs, bool) and procs > 0 else 1
 
 
 @dataclass

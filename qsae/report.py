@@ -28,6 +28,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, QsaeError
+from .membership import processes
 
 __all__ = ["write_report", "main"]
 
@@ -205,13 +206,6 @@ def _duration(seconds: float | None) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _procs(procs) -> int:
-    """A worker's compute processes from its status: an agent's count (or list), 1 for a plain worker."""
-    if isinstance(procs, list):
-        return len(procs)
-    return procs if isinstance(procs, int) and procs > 0 else 1
-
-
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -243,7 +237,7 @@ def _html(run: Path, d: dict) -> str:
     t0 = min((e["time"] for e in d["events"] if "time" in e), default=None)
     names = sorted({str(w.get("name")) for e in d["events"] for w in e.get("workers") or []})
     final = next((e["workers"] for e in reversed(d["events"]) if e.get("workers")), [])
-    workers_rows = [(w.get("name"), w.get("host"), w.get("pid"), _procs(w.get("procs")), w.get("state"), w.get("rows"),
+    workers_rows = [(w.get("name"), w.get("host"), w.get("pid"), processes(w.get("procs")), w.get("state"), w.get("rows"),
                      w.get("blocks"), f"{w['rows_per_s']:,.0f}" if isinstance(w.get("rows_per_s"), (int, float)) else "-",
                      f"{w['seconds'] * 1e3:.1f}" if isinstance(w.get("seconds"), (int, float)) else "-",
                      w.get("blas") or "-")
