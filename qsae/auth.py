@@ -18,6 +18,8 @@ import time
 
 import zmq
 
+from .throttle import Throttle
+
 __all__ = ["AllowList", "CurveGate"]
 
 log = logging.getLogger("qsae.master")
@@ -33,19 +35,16 @@ class AllowList:
 
     def __init__(self) -> None:
         self.keys: set[bytes] = set()
-        self.refused = 0  # refusals since the last log line
-        self._last_log = float("-inf")
+        self._refused = Throttle(self.LOG_EVERY)
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._last_log >= self.LOG_EVERY:
+        n = self._refused.due(time.monotonic())
+        if n is not None:
             log.warning("refused a worker's CURVE key %s (%d since the last such line): it is not a key of this "
                         "run; a hand-started worker needs --keys DIR/worker from this master's --keys DIR",
-                        key.decode("ascii", "replace")[:12] + "...", self.refused)
-            self.refused, self._last_log = 0, now
+                        key.decode("ascii", "replace")[:12] + "...", n)
         return False
 
     def watch(self, sock: zmq.Socket) -> None:
@@ -61,7 +60,7 @@ class AllowList:
     def _read_monitor(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        failed, last = 0, float("-inf")
+        failed = Throttle(self.LOG_EVERY)
         while not self._stop.is_set():
             try:
                 if not self._monitor.poll(200):
@@ -69,13 +68,11 @@ class AllowList:
                 recv_monitor_message(self._monitor)
             except zmq.ZMQError:
                 return  # closed under us: the master is closing
-            failed += 1
-            now = time.monotonic()
-            if now - last >= self.LOG_EVERY:
+            n = failed.due(time.monotonic())
+            if n is not None:
                 log.warning("a worker's CURVE handshake failed (%d since the last such line): it has no keys, or "
                             "another master's; hand-started workers need --keys DIR/worker from this master's "
-                            "--keys DIR", failed)
-                failed, last = 0, now
+                            "--keys DIR", n)
 
     def unwatch(self) -> None:
         """Stop the thread ``watch`` started and close the monitor (before the socket closes)."""

@@ -38,6 +38,7 @@ from .protocol import BYE, ERROR, EVAL, HELLO, PING, PONG, READY, RESULT
 from .reduce import OP_TABLE, result_width
 from .rounds import Round
 from .settle import Settle
+from .throttle import Throttle
 from .waits import Collect, RoundWait, Wait
 
 __all__ = ["Coordinator", "Send"]
@@ -74,7 +75,7 @@ class Coordinator:
         self.stats: collections.Counter = collections.Counter()  # rounds, backups, blocks moved, ...
         self.backups_by: collections.Counter = collections.Counter()  # worker name -> late blocks it computed too
         self.settling = Settle(self)
-        self._last_reject_log, self._rejects = -math.inf, 0
+        self._rejected = Throttle(REJECT_LOG_SECONDS)
         self._held: dict[bytes, tuple[frozenset, list[tuple[int, int]]]] = {}  # worker -> its blocks' ranges
 
     @property
@@ -144,16 +145,15 @@ class Coordinator:
         ``REJECT_LOG_SECONDS`` at most with the count since the last (garbage must not flood
         the log), the sender named where it was a worker. A worker dropped while unreachable
         that comes back is told so and says HELLO again: that is logged at INFO, not warned."""
-        self._rejects += 1
-        gone = next((w for w in self.members.gone.values() if w.ident == ident), None)
-        who = f"{gone.name} ({gone.state})" if gone is not None else f"an unknown peer ({ident.hex()[:10]})"
-        if now - self._last_reject_log > REJECT_LOG_SECONDS:
+        n = self._rejected.due(now)
+        if n is not None:
+            gone = next((w for w in self.members.gone.values() if w.ident == ident), None)
+            who = f"{gone.name} ({gone.state})" if gone is not None else f"an unknown peer ({ident.hex()[:10]})"
             if gone is not None and "never said HELLO" in why:
                 log.info("%s is back and no member now: told to say HELLO again", who)
             else:
-                more = f" ({self._rejects - 1} more rejected since the last such line)" if self._rejects > 1 else ""
+                more = f" ({n - 1} more rejected since the last such line)" if n > 1 else ""
                 log.warning("rejected a message from %s: %s%s", who, why, more)
-            self._last_reject_log, self._rejects = now, 0
         return [Send(ident, ERROR, fields=dict(etype="ProtocolError", message=why[:2000], traceback="",
                                                host="master"))]
 

@@ -28,6 +28,8 @@ import sys
 import time
 import traceback
 
+from .throttle import Throttle
+
 __all__ = ["main", "Worker"]
 
 log = logging.getLogger("qsae.worker")
@@ -139,7 +141,7 @@ class Worker:
         self.store: "Blocks | None" = None  # the blocks held and a straggler's cut for a backup (qsae.compute)
         self._theta, self._theta_of = None, -1  # θ of the last forward round and its evaluation
         self._last_hello = 0.0
-        self._last_error_log, self._errors = -float("inf"), 0  # the master's ERRORs: logged at most every 10 s
+        self._errors = Throttle(ERROR_LOG_SECONDS)  # the master's ERRORs: a line at most every 10 s
         self._blas = blas_kernel()  # said in HELLO: the master warns when workers' kernels differ
         self._handlers = {PING: lambda msg: self.send(PONG), SOURCE: self._on_source, BLOCKS: self._on_blocks,
                           DROP: self._on_drop, EVAL: self._on_eval}  # by message type; built once
@@ -300,11 +302,10 @@ class Worker:
                 log.info("%s: the master had dropped this worker (unreachable for a while); said HELLO again",
                          self.name)
             return
-        self._errors += 1
-        if now - self._last_error_log > ERROR_LOG_SECONDS:
-            more = f" ({self._errors - 1} more since the last such line)" if self._errors > 1 else ""
+        n = self._errors.due(now)
+        if n is not None:
+            more = f" ({n - 1} more since the last such line)" if n > 1 else ""
             log.warning("the master says: %s%s", msg["message"], more)
-            self._last_error_log, self._errors = now, 0
 
     # -- data: the source once, then blocks of it
     def _on_source(self, msg) -> None:

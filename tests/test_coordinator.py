@@ -8,6 +8,8 @@ RESULT of an older round, a BYE.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from qsae.layout import Layout
 from qsae.model import SAEConfig
 from qsae.protocol import BLOCKS, BYE, DROP, ERROR, EVAL, HELLO, PING, PONG, READY, RESULT, SOURCE, decode, encode
 from qsae.reduce import OP_TABLE
+from qsae.throttle import Throttle
 
 pytestmark = pytest.mark.timeout(30)
 CFG = SAEConfig()
@@ -193,6 +196,25 @@ def test_pings_hello_fields_and_strangers():
     assert err.type == ERROR and "never said HELLO" in err.fields["message"]
     k.feed(b"h", hello("host-agent", procs=4))
     assert {s["name"]: s["procs"] for s in k.c.members.status()} == {"a": None, "host-agent": 4}
+
+
+def test_a_flood_of_rejected_messages_is_one_line_per_interval_with_its_count(caplog):
+    """Garbage at 100 messages a second for 25 s: every one answered with ERROR, but the log
+    says a line per REJECT_LOG_SECONDS (10 s), the later ones with how many they stand for."""
+    k = Cluster(names=("a",))
+    with caplog.at_level("WARNING", logger="qsae.master"):
+        answers = [k.feed(b"x", msg(READY, 1, ids=[], seconds=0.0), dt=0.01) for _ in range(2500)]
+    assert all(a[0].type == ERROR for a in answers)
+    lines = [r.getMessage() for r in caplog.records if "rejected a message" in r.getMessage()]
+    assert len(lines) == 3, lines  # at 0.01 s, 10.01 s and 20.01 s
+    assert "more rejected" not in lines[0]
+    counts = [int(re.search(r"\((\d+) more rejected since the last such line\)", ln).group(1)) for ln in lines[1:]]
+    assert all(998 <= n <= 1000 for n in counts), lines  # 10 s of 100 a second (the clock's sums round)
+
+
+def test_a_throttle_counts_what_each_line_stands_for():
+    t = Throttle(10.0)
+    assert [t.due(s) for s in (0.0, 1.0, 9.9, 10.0, 10.5, 25.0)] == [1, None, None, 3, None, 2]
 
 
 def test_a_result_of_another_model_drops_its_worker_and_the_round_runs_again():
