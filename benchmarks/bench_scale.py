@@ -12,7 +12,8 @@ Tables:
    blocks) that compute is negligible. Beside it, "today's" shape: H·P plain workers, and
    what lies under table 1 (1c): a bare pyzmq CURVE echo's CPU per round (the sockets' floor)
    and the master's own per-evaluation code run warm, in a loop without sockets (the rest of
-   table 1 is that code run cold, after each sleep in poll).
+   table 1 is that code run cold, after each sleep in poll), with the master's CPU split by
+   thread; and (1d) what the same code costs right after 1 or 10 ms away, here.
 2. An agent's own CPU per evaluation against P (``/proc/PID/stat``: all its threads, not its
    compute processes).
 3. A projection of seconds per evaluation and speedup at 100K, 1M and 10M patches on 8 ...
@@ -77,6 +78,23 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _threads_cpu() -> dict[str, float]:
+    """This process's CPU seconds by thread kind: "main", "zmq I/O" (libzmq's ZMQbg/IO threads:
+    the sockets' reads and writes, CURVE), "other" (the heartbeat, CURVE's ZAP handler)."""
+    out = {"main": 0.0, "zmq I/O": 0.0, "other": 0.0}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except OSError:  # the thread ended meanwhile
+            continue
+        kind = "main" if int(tid) == os.getpid() else "zmq I/O" if name.startswith("ZMQbg/IO") else "other"
+        out[kind] += ns / 1e9
+    return out
+
+
 def master_cell(images, hosts: int, procs: int, agents: bool, evals: int, **opts) -> dict:
     """One cell: the master's CPU and bytes per evaluation, the agents' CPU, the round's wall time."""
     launcher = LocalLauncher(hosts, procs=procs) if agents else LocalLauncher(hosts * procs)
@@ -91,14 +109,15 @@ def master_cell(images, hosts: int, procs: int, agents: bool, evals: int, **opts
         counter = _Counting(getattr(owner, attr))  # the master's split into a coordinator and a socket shell
         setattr(owner, attr, counter)
         pids = [w.pid for w in master._workers.values()]
-        cpu0, c0, t0 = [_cpu(p) for p in pids], time.process_time(), time.perf_counter()
+        cpu0, c0, t0, th0 = [_cpu(p) for p in pids], time.process_time(), time.perf_counter(), _threads_cpu()
         for _ in range(evals):
             master(theta)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        threads = {k: (v - th0[k]) / evals for k, v in _threads_cpu().items()}
         agent = statistics.mean(_cpu(p) - c for p, c in zip(pids, cpu0)) / evals
         setattr(owner, attr, counter._sock)
         return dict(master=cpu / evals, bytes=counter.bytes / evals, msgs=counter.messages / evals,
-                    wall=wall / evals, agent=agent, connections=master.n_workers)
+                    wall=wall / evals, agent=agent, connections=master.n_workers, threads=threads)
 
 
 def row_bytes(op: str) -> int:
@@ -147,14 +166,11 @@ def table_today(images, evals: int) -> None:
               flush=True)
 
 
-def warm_evaluation(hosts: int, blocks: int = BLOCKS) -> float:
-    """Seconds of the master's work for one evaluation, in a warm loop without sockets: the
+def master_evaluation(hosts: int, blocks: int = BLOCKS):
+    """The master's work for one evaluation as a function, run without sockets: the
     settle check, the round opened and its EVALs encoded, ``hosts`` RESULTs (one row each,
-    made beforehand) decoded, checked and added along the tree, the reducer's finish. What
-    table 1's main thread does, minus the socket calls and poll (and the I/O thread's CURVE),
-    run hot: table 1's runs after each sleep in poll."""
-    import timeit
-
+    made beforehand) decoded, checked and added along the tree, the reducer's finish: what
+    table 1's main thread does, minus the socket calls and poll (and the I/O thread's CURVE)."""
     from qsae import tree
     from qsae.coordinator import Coordinator
     from qsae.layout import Layout
@@ -196,6 +212,14 @@ def warm_evaluation(hosts: int, blocks: int = BLOCKS) -> float:
             pass
         coord.end_evaluation()
 
+    return evaluation
+
+
+def warm_evaluation(hosts: int) -> float:
+    """Seconds of ``master_evaluation(hosts)`` in a warm loop (table 1 runs it after each sleep in poll)."""
+    import timeit
+
+    evaluation = master_evaluation(hosts)
     for _ in range(100):
         evaluation()
     n = max(200, 4000 // hosts)
@@ -219,14 +243,57 @@ def echo_cpu(hosts: int, rounds: int = 300) -> float:
 
 
 def table_warm(cells: dict, hosts_list) -> None:
-    print("\n## 1c. Under table 1: a bare CURVE echo's CPU, and the master's own code run warm\n")
-    print("| H | master CPU µs (table 1, P = 1) | bare CURVE echo of θ by H processes, CPU µs/round "
-          "| the master's per-evaluation code, warm in a loop without sockets, µs |")
-    print("|---|---|---|---|")
+    print("\n## 1c. Under table 1: its threads, a bare CURVE echo's CPU, and the master's own code run warm\n")
+    print("| H | master CPU µs (table 1, P = 1) | its main thread | its zmq I/O thread | bare CURVE echo of θ by H "
+          "processes, CPU µs/round | the master's per-evaluation code, warm in a loop without sockets, µs |")
+    print("|---|---|---|---|---|---|")
     for H in hosts_list:
-        m = cells.get((H, 1), {}).get("master")
-        print(f"| {H} | {f'{1e6 * m:.0f}' if m else ''} | {1e6 * echo_cpu(H):.0f} | {1e6 * warm_evaluation(H):.0f} |",
-              flush=True)
+        cell = cells.get((H, 1), {})
+        m, th = cell.get("master"), cell.get("threads", {})
+        us = [f"{1e6 * v:.0f}" if v else "" for v in (m, th.get("main"), th.get("zmq I/O"))]
+        print(f"| {H} | {' | '.join(us)} | {1e6 * echo_cpu(H):.0f} | {1e6 * warm_evaluation(H):.0f} |", flush=True)
+
+
+def _run_after(fn, away: float, busy: bool, times: int = 150) -> float:
+    """Median seconds of one ``fn()`` run right after ``away`` seconds spent elsewhere: asleep
+    (as the master in poll) or in a busy loop that touches nothing else (no sleep at all)."""
+    samples = []
+    for _ in range(times):
+        if busy:
+            end = time.perf_counter() + away
+            while time.perf_counter() < end:
+                pass
+        elif away:
+            time.sleep(away)
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def table_cold() -> None:
+    """Table 1d: what running after 10 ms away costs on this machine, for code of a few sizes."""
+    import zmq
+
+    from qsae.protocol import RESULT, decode, encode
+    from qsae.reduce import Sums
+
+    frames = [zmq.Frame(f) for f in encode(RESULT, 1, [np.ones((1, Sums.size(CFG, one_round=True)))],
+                                           spans=[0, 128], nodes=[5], rows=512, seconds=0.01)]
+    print("\n## 1d. Cold: the same code right after 1 or 10 ms away (medians of 150; wall µs)\n")
+    print("Rounds here last 14–90 ms. Where a core keeps its caches and branch predictors while the code is away,")
+    print("the columns differ little; where another tenant or the hypervisor takes them meanwhile, code that runs")
+    print("once a round pays the cold column every time.\n")
+    print("| code | warm (in a loop) | after 1 ms asleep | after 10 ms asleep | after 10 ms busy elsewhere "
+          "| 10 ms asleep / warm |")
+    print("|---|---|---|---|---|---|")
+    for name, fn in (("a call of a function that does nothing", lambda: None),
+                     ("decode one RESULT (`protocol.decode`)", lambda: decode(frames)),
+                     ("the master's per-evaluation code, H = 2 (table 1c)", master_evaluation(2))):
+        warm = _run_after(fn, 0.0, False)
+        one, ten, busy = _run_after(fn, 1e-3, False), _run_after(fn, 10e-3, False), _run_after(fn, 10e-3, True)
+        print(f"| {name} | {1e6 * warm:.1f} | {1e6 * one:.1f} | {1e6 * ten:.1f} | {1e6 * busy:.1f} | "
+              f"{ten / warm:.0f}× |", flush=True)
 
 
 def table_agent(cells: dict, procs_list) -> dict:
@@ -367,6 +434,7 @@ def main() -> None:
     images = load_images()
     cells = table_master(images, hosts, procs, evals)
     table_warm(cells, hosts)
+    table_cold()
     table_today(images, evals)
     agent = table_agent(cells, procs)
     table_projection(images, cells, agent, not args.no_check)
