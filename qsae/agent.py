@@ -93,9 +93,6 @@ class Agent(Worker):
         super()._on_source(msg)
         self.pool.start(self.source)
 
-    def _check_memory(self, ids: list) -> None:
-        """Nothing: the processes hold the rows (the launcher sized P to the host)."""
-
     def _on_blocks(self, msg) -> None:
         """Hold new blocks: contiguous runs to the processes holding the fewest rows."""
         if self.source is None:

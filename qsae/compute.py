@@ -165,6 +165,26 @@ class Blocks:
             if b not in self.held:
                 self.held[b] = ShardState(np.array(X), self.source["config"])
 
+    def check_room(self, ids: list[int]) -> None:
+        """Refuse blocks this host cannot hold before cutting them: their rows and those held
+        against its memory (a two-round run's hidden layer kept between the rounds, 0.48 of the
+        rows more, is the master's check: ``train.check_size``; a process does not know the
+        rounds). An agent's processes are not checked: the launcher sized them to the host."""
+        from .errors import ConfigError
+
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        src, cfg = self.source, self.source["config"]
+        rows = sum(st.m for st in self.held.values()) + sum(
+            hi - lo for lo, hi in (self.bounds(b) for b in ids if b not in self.held))
+        need = rows * cfg.n_visible * src["dtype"].itemsize
+        if need > total:
+            raise ConfigError(f"{rows:,} rows of {cfg.n_visible} values in {src['dtype']} need about "
+                              f"{need / 2**30:,.1f} GiB on this worker, but its host has {total / 2**30:,.1f} GiB of "
+                              "memory: give fewer --patches or spread them over more hosts")
+
     def drop(self, ids: list[int]) -> None:
         """Forget ``ids``."""
         for b in ids:

@@ -117,24 +117,17 @@ class Worker:
                  handshake_timeout: float = 10.0) -> None:
         import zmq
 
+        from .dealer import open_dealer
+
         _load_numerics()
         self.threads = threads  # the cores it declares: shards are balanced by them
         self.name = name or f"{socket.gethostname()}#{os.getpid()}"
         self.heartbeat, self.master_timeout = heartbeat, master_timeout
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.maxmsgsize = MAX_ARRAY_BYTES + 1  # libzmq checks each frame; decode refuses larger arrays anyway
-        if curve:
-            self.sock.curve_serverkey = curve["server_public"].encode()  # before connect
-            self.sock.curve_publickey = curve["public"].encode()
-            self.sock.curve_secretkey = curve["secret"].encode()
+        # decode refuses larger arrays anyway; the monitor watches the first handshake (run)
+        self.sock, self._monitor = open_dealer(self.ctx, connect, curve, MAX_ARRAY_BYTES + 1)
         self.connect_to, self.curve = connect, bool(curve)
         self.handshake_timeout = handshake_timeout
-        self._monitor = self.sock.get_monitor_socket(  # before connect: no event missed (see _await_handshake)
-            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        self.sock.connect(connect)
         self._poller = zmq.Poller()  # one for the run: Socket.poll builds one per call
         self._poller.register(self.sock, zmq.POLLIN)
         self.source: dict | None = None  # the SOURCE message: config, kind, images, dtype, ...
@@ -168,65 +161,12 @@ class Worker:
         self._last_hello = time.monotonic()
         log.debug("%s: HELLO queued for %s", self.name, self.connect_to)  # sent once a connection exists
 
-    def _await_handshake(self) -> bool:
-        """Wait for the first handshake with the master; False (logged) when it was refused.
-
-        zmq's socket monitor reports a refused CURVE key (HANDSHAKE_FAILED_AUTH) and a
-        mechanism mismatch (no keys against a CURVE master, or keys against --insecure); a
-        connection on which no handshake completes within ``handshake_timeout`` s is the
-        same failure seen from here. Without any connection within ``master_timeout`` s the
-        master is unreachable. Later reconnections are not watched (the monitor is closed).
-        """
-        import zmq
-        from zmq.utils.monitor import recv_monitor_message
-
-        start, connected, failures = time.monotonic(), None, 0
-        try:
-            while True:
-                now = time.monotonic()
-                if connected is not None and now - connected > self.handshake_timeout:
-                    why = (f"connected to the master at {self.connect_to} but no handshake completed within "
-                           f"{self.handshake_timeout:.0f} s")
-                    break
-                if connected is None and now - start > self.master_timeout:
-                    log.error("could not reach the master at %s within %.0f s: is it running, is the address "
-                              "right, does a firewall block the port?", self.connect_to, self.master_timeout)
-                    return False
-                if not self._monitor.poll(200):
-                    continue
-                event = recv_monitor_message(self._monitor)
-                kind, value = event["event"], event["value"]
-                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._last_heard = time.monotonic()  # the master timeout counts from here
-                    return True
-                if kind == zmq.EVENT_CONNECTED:
-                    connected = connected or time.monotonic()
-                elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    why = f"the master at {self.connect_to} refused this worker's CURVE keys (ZAP status {value})"
-                    break
-                elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                    why = f"the handshake with the master at {self.connect_to} failed (zmq event {kind}, {value:#x})"
-                    failures += 1
-                    if failures >= 3:  # not one connection reset by chance: every attempt fails
-                        break
-        finally:
-            self.sock.disable_monitor()
-            self._monitor.close(linger=0)
-        if self.curve:
-            fix = ("the master refused its CURVE keys: pass --keys DIR/worker, where DIR is the master's --keys "
-                   "directory (made by `qsae-master --make-keys DIR`); keys from another DIR are refused; "
-                   "a master started with --insecure takes no keys (drop --keys)")
-        else:
-            fix = ("the master refused its CURVE keys: this worker has none and the master requires them; pass "
-                   "--keys DIR/worker from the master's `qsae-master --make-keys DIR` (or start the master with --insecure; a "
-                   "worker without --keys is insecure already)")
-        log.error("%s; %s", why, fix)
-        return False
-
     def run(self) -> int:
         """Serve until STOP (exit 0), SIGTERM/SIGINT (BYE, exit 0) or the master is gone (exit 1)."""
         import signal
         import threading
+
+        from .dealer import await_handshake
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -235,8 +175,10 @@ class Worker:
             # the handshake first, HELLO after: zmq connects and shakes hands with no message queued, and a
             # DEALER's send blocks while it has no connection, as when the master refuses every handshake
             # (a worker without keys against a CURVE master hung in hello() every other time)
-            if not self._await_handshake():
+            if not await_handshake(self.sock, self._monitor, self.connect_to, self.curve, self.handshake_timeout,
+                                   self.master_timeout):
                 return 1
+            self._last_heard = time.monotonic()  # the master timeout counts from here
             self.hello()
             log.info("%s: connected to the master at %s, said HELLO", self.name, self.connect_to)
             while True:
@@ -257,7 +199,7 @@ class Worker:
                 for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal now just ends the process
                     signal.signal(sig, signal.SIG_DFL)
             # destroy, not term: it closes every socket of the context first (the handshake
-            # monitor too, if a signal cut _await_handshake short), so the exit never hangs
+            # monitor too, if a signal cut await_handshake short), so the exit never hangs
             self.ctx.destroy()
 
     def _tick(self, busy: bool) -> None:
@@ -337,7 +279,7 @@ class Worker:
         if src["kind"] == "images":
             if msg.arrays:
                 raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
-            self._check_memory(ids)
+            self.store.check_room(ids)
             self._prepare(lambda: self.store.hold(ids, []))
         else:
             if len(msg.arrays) != len(ids):
@@ -364,27 +306,6 @@ class Worker:
         if self.sock.poll(0):
             self._last_heard = time.monotonic()
         return out
-
-    def _check_memory(self, ids: list) -> None:
-        """Refuse blocks this host cannot hold before cutting them: their rows (a two-round
-        run's hidden layer kept between the rounds, 0.48 of them more, is the master's check:
-        ``train.check_size``; this worker does not know the rounds)."""
-        from .errors import ConfigError
-
-        src = self.source
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return
-        cfg = src["config"]
-        held = self.store.held
-        rows = sum(st.m for st in held.values()) + sum(
-            hi - lo for lo, hi in (block_bounds(self.source, b) for b in ids if b not in held))
-        need = rows * cfg.n_visible * src["dtype"].itemsize
-        if need > total:
-            raise ConfigError(f"{rows:,} rows of {cfg.n_visible} values in {src['dtype']} need about "
-                              f"{need / 2**30:,.1f} GiB on this worker, but its host has {total / 2**30:,.1f} GiB of "
-                              "memory: give fewer --patches or spread them over more hosts")
 
     def _on_drop(self, msg) -> None:
         if self.store is not None:

@@ -113,6 +113,22 @@ def test_rows_of_ranges_equal_rows_of_their_blocks() -> None:
             min((b + 1) * block_rows, m) - b * block_rows for b in ids)
 
 
+def test_blocks_more_than_the_host_can_hold_are_refused_before_cutting() -> None:
+    """A worker asked for more rows than its host's memory refuses them (naming the fix) and
+    cuts nothing; what it can hold, it takes."""
+    from qsae.compute import Blocks
+    from qsae.errors import ConfigError
+
+    cfg, memory = SAEConfig(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    m = 2 * memory // (cfg.n_visible * 8)  # float64 rows: twice this host's memory
+    store = Blocks({"config": cfg, "kind": "images", "images": [], "m": m, "block_rows": m // 4, "patch_size": 8,
+                    "seed": 0, "sigma": 1.0, "dtype": np.dtype("float64")})
+    store.check_room([0])  # a quarter of it: half the memory
+    with pytest.raises(ConfigError, match=r"GiB on this worker, but its host has .* give fewer --patches"):
+        store.check_room([0, 1, 2])
+    assert store.held == {}
+
+
 def test_hello_procs_is_optional_and_checked() -> None:
     base = dict(name="a", host="h", pid=1, cores=4, version="x", blas="")
     assert "procs" not in decode(encode(HELLO, **base)).fields
