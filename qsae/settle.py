@@ -72,7 +72,7 @@ class Settle:
             for w in joining:
                 members.activate(w)
         # measured balance looks again once the speeds are new medians (every SPEED_SAMPLES
-        # evaluations): planning costs ~50 µs, a tenth of a tiny round
+        # evaluations): planning for a settled cluster costs 22-29 µs at 256 blocks (250 at 4,096)
         rested = layout.balance == "measured" and c.evals - c.balanced_at >= SPEED_SAMPLES
         if not (joining or rested or layout.uncovered(members.active())):
             return True
