@@ -75,8 +75,9 @@ class Startup:
         if self.launcher is not None:
             self.launcher.start(self.address, self.config(self.launcher.n_workers))
         else:
-            log.info("waiting up to %s s for %d hand-started workers; on each node run\n  %s", _secs(self.start_timeout),
-                     self.min_workers, self.worker_command())
+            n = self.min_workers
+            log.info("waiting up to %s s for %d hand-started worker%s; on each node run\n  %s",
+                     _secs(self.start_timeout), n, "" if n == 1 else "s", self.worker_command())
         self.await_hellos(t0)
         return self.address
 

@@ -222,7 +222,7 @@ def test_wait_for_says_how_long_and_what_to_run_and_a_keyless_worker_is_told_the
         while time.monotonic() < deadline and not any("qsae-worker --connect" in ln for ln in lines):
             lines.append(p.stderr.readline())
         told = "".join(lines)
-        assert "waiting up to 20.0 s for 1 hand-started workers" in told, told
+        assert "waiting up to 20.0 s for 1 hand-started worker;" in told, told
         assert f"qsae-worker --connect tcp://127.0.0.1:{port} --keys {keys}/worker" in told, told
         for _ in range(3):  # HELLO queued before the handshake hung the keyless worker in send() every other time
             w = run("--connect", f"tcp://127.0.0.1:{port}", "--handshake-timeout", "3", exe="qsae-worker", timeout=40)
