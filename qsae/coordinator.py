@@ -9,8 +9,8 @@ returns. Two procedures run on it, each started by the shell and driven by event
 
 - ``settle_step`` (``qsae.settle``): before an evaluation, joiners get the source, every
   block gets a holder and (measured balance) blocks move when the planner says it pays;
-- ``begin_round`` / ``end_round``: θ (or the sparsity delta) out to every holder, results
-  in, stragglers' blocks computed again by the idle (images only).
+- ``begin_round`` / ``end_round`` (``qsae.scatter``): θ (or the sparsity delta) out to every
+  holder, results in, stragglers' blocks computed again by the idle (images only).
 
 Recovery: a worker silent past ``worker_timeout`` or gone while awaited fails the wait: it
 is dropped, its blocks go to the others at the next settle, and the procedure answers
@@ -25,18 +25,16 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import statistics
 from typing import Callable
 
 import numpy as np
 
-from . import __version__, tree
+from . import __version__
 from .errors import WorkerError
 from .layout import Layout, Send
 from .membership import JOINING, LEAVING, LOST, Membership, WorkerInfo
-from .protocol import BYE, ERROR, EVAL, HELLO, PING, PONG, READY, RESULT
-from .reduce import OP_TABLE, result_width
-from .rounds import Round
+from .protocol import BYE, ERROR, HELLO, PING, PONG, READY, RESULT
+from .scatter import Scatter
 from .settle import Settle
 from .throttle import Throttle
 from .waits import Collect, RoundWait, Wait
@@ -75,8 +73,8 @@ class Coordinator:
         self.stats: collections.Counter = collections.Counter()  # rounds, backups, blocks moved, ...
         self.backups_by: collections.Counter = collections.Counter()  # worker name -> late blocks it computed too
         self.settling = Settle(self)
+        self.scatter = Scatter(self)
         self._rejected = Throttle(REJECT_LOG_SECONDS)
-        self._held: dict[bytes, tuple[frozenset, list[tuple[int, int]]]] = {}  # worker -> its blocks' ranges
 
     @property
     def workers(self) -> dict[bytes, WorkerInfo]:
@@ -127,7 +125,7 @@ class Coordinator:
             self.fail(silent + gone, self.wait.round, self.wait.want)
             return []
         if isinstance(self.wait, RoundWait) and self.layout.source.get("kind") == "images":
-            return [s for k in self.wait.rnd.stragglers(now) for s in self._back_up(k, now)]
+            return [s for k in self.wait.rnd.stragglers(now) for s in self.scatter.back_up(k, now)]
         return []
 
     def sent(self, ident: bytes, now: float, reached: bool = True) -> None:
@@ -196,7 +194,7 @@ class Coordinator:
     def drop(self, ident: bytes, state: str, why: str) -> None:
         """It left or was lost: out of the membership; its blocks go to the others."""
         if ident in self.workers:
-            self._held.pop(ident, None)
+            self.scatter.forget(ident)
             w = self.members.remove(ident, state, why)
             if w.blocks:
                 log.info("%s held %d blocks; they go to the others", w.name, len(w.blocks))
@@ -263,60 +261,10 @@ class Coordinator:
                 w.record(w.eval_rows, w.eval_seconds)
 
     def begin_round(self, op: str, arg: np.ndarray, now: float) -> list[Send] | None:
-        """EVAL ``op`` with ``arg`` to every holder; None when blocks lack a holder (the
-        evaluation must settle and run again)."""
-        r = self.next_round()
-        active = self.members.active()
-        if self.layout.uncovered(active):  # never add up a partial sum: settle (place the orphans) and run again
-            self.fail([], r, RESULT, "a worker left between placing and computing")
-            return None
-        sizes = self.layout.sizes
-        assignment, predicted = {}, {}
-        for w in active:
-            if w.blocks:
-                spans = assignment[w.ident] = self._ranges(w)
-                rows = sum(sum(sizes[lo:hi]) for lo, hi in spans)
-                predicted[w.ident] = rows / w.speed if w.speed else None
-        rnd = Round(r, op, op in OP_TABLE and OP_TABLE[op].per_block, assignment, predicted, sizes,
-                    evaluation=self.evals, started=now)
-        self.stats["rounds"] += 1
-        self.wait = RoundWait(rnd, arg, result_width(op, self.layout.config))
-        return [Send(ident, EVAL, r, [arg], {"op": op, "spans": tree.flat(spans), "evaluation": rnd.evaluation})
-                for ident, spans in assignment.items()]
-
-    def _ranges(self, w: WorkerInfo) -> list[tuple[int, int]]:
-        """The maximal ranges of the blocks ``w`` holds, worked out again only when they changed
-        (comparing two sets is C; walking them in Python is what a round must not do)."""
-        cached = self._held.get(w.ident)
-        if cached is None or cached[0] != w.blocks:
-            cached = self._held[w.ident] = (frozenset(w.blocks), tree.runs(sorted(w.blocks)))
-        return cached[1]
+        """EVAL ``op`` with ``arg`` to every holder (``qsae.scatter``); None when blocks lack a
+        holder (the evaluation must settle and run again)."""
+        return self.scatter.begin(op, arg, now)
 
     def end_round(self) -> list[tuple[int, np.ndarray]] | None:
         """The finished round's (rows, result) for the reducer, or None when it was lost."""
-        wait = self.wait
-        if not self.end_wait():
-            return None
-        assert isinstance(wait, RoundWait)
-        return wait.rnd.replies()
-
-    def _back_up(self, straggler: bytes, now: float) -> list[Send]:
-        """Ask the idle workers to compute a straggler's blocks too (they cut them from the images)."""
-        assert isinstance(self.wait, RoundWait)
-        rnd, arg = self.wait.rnd, self.wait.arg
-        active = self.members.active()
-        backups = rnd.backups(straggler, {w.ident: self.layout.speed(w, active) for w in active})
-        if not backups:
-            return []
-        w, p = self.workers.get(straggler), rnd.predicted.get(straggler)
-        log.info("round %d: %s is late (%.2f s, %s); %s compute its blocks too", rnd.number,
-                 w.name if w else "?", now - rnd.started,
-                 f"predicted {p:.2f} s" if p else f"the others took {statistics.median(rnd.finished.values()):.2f} s",
-                 ", ".join(self.workers[k].name for k in backups))
-        self.stats["backups"] += 1
-        self.backups_by.update({self.workers[k].name: sum(hi - lo for lo, hi in spans)
-                                for k, spans in backups.items()})
-        self.stats[f"backups of {rnd.op}"] += 1  # which round of the evaluation straggled
-        return [Send(ident, EVAL, rnd.number, [arg], {"op": rnd.op, "spans": tree.flat(spans),
-                                                      "evaluation": rnd.evaluation})
-                for ident, spans in backups.items()]
+        return self.scatter.end()
