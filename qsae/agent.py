@@ -29,7 +29,6 @@ import numpy as np
 
 from . import tree
 from .compute import rows_in
-from .compute import bounds as block_bounds
 from .errors import ProtocolError
 from .pool import Pool, split
 from .protocol import HELLO, MAX_RESULT_ROWS, READY, RESULT
@@ -98,18 +97,8 @@ class Agent(Worker):
         if self.source is None:
             raise ValueError("BLOCKS before SOURCE: the worker does not know the data set yet")
         t0 = time.perf_counter()
-        src, rows = self.source, {}
-        if src["kind"] == "images" and msg.arrays:
-            raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
-        if src["kind"] != "images":
-            if len(msg.arrays) != len(msg["ids"]):
-                raise ValueError(f"BLOCKS names {len(msg['ids'])} blocks but carries {len(msg.arrays)} arrays")
-            for b, X in zip(msg["ids"], msg.arrays):
-                lo, hi = block_bounds(self.source, b)
-                if X.shape != (hi - lo, src["config"].n_visible) or X.dtype != src["dtype"]:
-                    raise ValueError(f"block {b} came as {X.dtype}{X.shape}; expected {src['dtype']}"
-                                     f"{(hi - lo, src['config'].n_visible)}")
-                rows[b] = np.array(X)  # a copy: the frame is zmq's buffer
+        self.store.check_given(msg["ids"], msg.arrays)
+        rows = {b: np.array(X) for b, X in zip(msg["ids"], msg.arrays)}  # copies: the frames are zmq's buffers
         self.pool.hold(msg["ids"], rows)
         log.info("holds %d blocks in %d processes: +%s", len(self.pool.owner), self.procs, _span(msg["ids"]))
         _release_freed_memory()

@@ -165,6 +165,24 @@ class Blocks:
             if b not in self.held:
                 self.held[b] = ShardState(np.array(X), self.source["config"])
 
+    def check_given(self, ids: list[int], arrays: Sequence[np.ndarray]) -> None:
+        """Check a BLOCKS message's rows against the source: none for images (cut here), else
+        one array per id, in the run's dtype and of its block's shape."""
+        src = self.source
+        if src["kind"] == "images":
+            if arrays:
+                raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
+            return
+        if len(arrays) != len(ids):
+            raise ValueError(f"BLOCKS names {len(ids)} blocks but carries {len(arrays)} arrays of rows")
+        for b, X in zip(ids, arrays):
+            lo, hi = self.bounds(b)
+            if X.dtype != src["dtype"]:
+                raise ValueError(f"block {b} came as {X.dtype}, but this run computes in {src['dtype']}: "
+                                 "the master must send the run's dtype")
+            if X.shape != (hi - lo, src["config"].n_visible):
+                raise ValueError(f"block {b} has shape {X.shape}; expected {(hi - lo, src['config'].n_visible)}")
+
     def check_room(self, ids: list[int]) -> None:
         """Refuse blocks this host cannot hold before cutting them: their rows and those held
         against its memory (a two-round run's hidden layer kept between the rounds, 0.48 of the

@@ -41,7 +41,7 @@ ERROR_LOG_SECONDS = 10.0  # the master's ERROR replies: a warning this often at 
 def _load_numerics() -> None:
     """Import numpy and the numeric modules; only after ``_set_threads`` (BLAS reads its
     thread count once, when it loads). Binds them as module globals for the methods below."""
-    global np, __version__, ProtocolError, SAEConfig, OPS, OP_TABLE, PER_BLOCK, Blocks, block_bounds, rows_in, tree
+    global np, __version__, ProtocolError, SAEConfig, OPS, OP_TABLE, PER_BLOCK, Blocks, rows_in, tree
     global decode, encode, send, MAX_ARRAY_BYTES, BLOCKS, BYE, DROP, EVAL, ERROR, HELLO, PING, PONG, READY, RESULT
     global SOURCE, STOP, MAX_RESULT_ROWS
     import numpy as np
@@ -55,7 +55,6 @@ def _load_numerics() -> None:
     )
     from . import tree
     from .compute import Blocks, rows_in
-    from .compute import bounds as block_bounds
     from .reduce import OP_TABLE, OPS, PER_BLOCK
     from .model import set_kernel
 
@@ -275,22 +274,12 @@ class Worker:
         if self.source is None:
             raise ValueError("BLOCKS before SOURCE: the worker does not know the data set yet")
         t0 = time.perf_counter()
-        ids, src = msg["ids"], self.source
-        if src["kind"] == "images":
-            if msg.arrays:
-                raise ValueError("blocks of an images source are cut by the worker: BLOCKS carries no rows")
+        ids = msg["ids"]
+        self.store.check_given(ids, msg.arrays)
+        if self.source["kind"] == "images":
             self.store.check_room(ids)
             self._prepare(lambda: self.store.hold(ids, []))
         else:
-            if len(msg.arrays) != len(ids):
-                raise ValueError(f"BLOCKS names {len(ids)} blocks but carries {len(msg.arrays)} arrays of rows")
-            for b, X in zip(ids, msg.arrays):
-                lo, hi = block_bounds(self.source, b)
-                if X.dtype != src["dtype"]:
-                    raise ValueError(f"block {b} came as {X.dtype}, but this run computes in {src['dtype']}: "
-                                     "the master must send the run's dtype")
-                if X.shape != (hi - lo, src["config"].n_visible):
-                    raise ValueError(f"block {b} has shape {X.shape}; expected {(hi - lo, src['config'].n_visible)}")
             self.store.hold(ids, msg.arrays)  # copies: the frames are zmq's buffers
         held = self.store.held
         log.info("holds %d blocks (%d rows): +%s", len(held), sum(st.m for st in held.values()),

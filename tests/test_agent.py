@@ -129,6 +129,24 @@ def test_blocks_more_than_the_host_can_hold_are_refused_before_cutting() -> None
     assert store.held == {}
 
 
+def test_rows_given_in_blocks_are_checked_against_the_source() -> None:
+    """BLOCKS of an array source carry one array per block, in the run's dtype and its block's
+    shape; an images source's carry none (workers and agents check them alike)."""
+    from qsae.compute import Blocks
+
+    cfg = SAEConfig()
+    source = {"config": cfg, "kind": "array", "m": 250, "block_rows": 100, "dtype": np.dtype("float32")}
+    store = Blocks(source)
+    store.check_given([0, 2], [np.zeros((100, 64), np.float32), np.zeros((50, 64), np.float32)])
+    for arrays, words in (([np.zeros((100, 64), np.float32)], "names 2 blocks but carries 1"),
+                          ([np.zeros((100, 64)), np.zeros((50, 64), np.float32)], "came as float64"),
+                          ([np.zeros((100, 64), np.float32), np.zeros((100, 64), np.float32)], r"block 2 has shape")):
+        with pytest.raises(ValueError, match=words):
+            store.check_given([0, 2], arrays)
+    with pytest.raises(ValueError, match="carries no rows"):
+        Blocks(dict(source, kind="images")).check_given([0], [np.zeros((100, 64), np.float32)])
+
+
 def test_hello_procs_is_optional_and_checked() -> None:
     base = dict(name="a", host="h", pid=1, cores=4, version="x", blas="")
     assert "procs" not in decode(encode(HELLO, **base)).fields

@@ -70,6 +70,7 @@ STALE_JOB_WORDS = ("invalid job id", "already completing or completed", "job has
 
 _NO_AGENTS = "start without agents, one step per task (qsae-master --no-agents, SlurmLauncher(agents=False))"
 
+
 class SlurmLauncher(ChildProcessLauncher):
     """Workers as job steps of the Slurm allocation this process runs in.
 
