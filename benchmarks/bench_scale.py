@@ -71,33 +71,33 @@ class _Counting:
         return frames
 
 
-def _cpu(pid: int) -> float:
-    """CPU seconds of process ``pid``: every thread's time on a core (``/proc/PID/task/*/schedstat``,
-    in ns; ``/proc/PID/stat`` counts 10 ms ticks, too coarse for 30 evaluations), not its children's."""
-    total = 0
+def _thread_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """tid -> (name, CPU seconds on a core) of every thread of process ``pid``, from
+    ``/proc/PID/task/*/schedstat`` in ns (``/proc/PID/stat`` counts 10 ms ticks, too coarse for
+    30 evaluations); a thread that ends meanwhile is left out."""
+    out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:  # the thread ended meanwhile
-            pass
-    return total / 1e9
+                out[int(tid)] = (name, int(f.read().split()[0]) / 1e9)
+        except OSError:
+            continue
+    return out
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``: all its threads, not its children."""
+    return sum(seconds for _, seconds in _thread_seconds(pid).values())
 
 
 def _threads_cpu() -> dict[str, float]:
     """This process's CPU seconds by thread kind: "main", "zmq I/O" (libzmq's ZMQbg/IO threads:
     the sockets' reads and writes, CURVE), "other" (the heartbeat, CURVE's ZAP handler)."""
     out = {"main": 0.0, "zmq I/O": 0.0, "other": 0.0}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
-        except OSError:  # the thread ended meanwhile
-            continue
-        kind = "main" if int(tid) == os.getpid() else "zmq I/O" if name.startswith("ZMQbg/IO") else "other"
-        out[kind] += ns / 1e9
+    for tid, (name, seconds) in _thread_seconds(os.getpid()).items():
+        out["main" if tid == os.getpid() else "zmq I/O" if name.startswith("ZMQbg/IO") else "other"] += seconds
     return out
 
 
