@@ -78,7 +78,6 @@ class Pool:
         self.children: list[Child] = []
         self.owner: dict[int, int] = {}  # block id -> slot of the compute process holding it
         self.rows: dict[int, np.ndarray] = {}  # an array source's rows: given again to a respawned process
-        self.respawns = 0  # compute processes forked again after they died
         # balance between the processes: each one's last rounds' rows per second, rounds since the
         # last moves, and what moving one block cost (the planner's price), as the master keeps them
         self.samples: dict[int, collections.deque] = {}
@@ -251,7 +250,6 @@ class Pool:
         except ChildProcessError:
             pass
         old.sock.close()
-        self.respawns += 1
         new = spawn(slot, self.source, [c for c in self.children if c is not old])
         new.blocks = old.blocks
         self.children[slot] = new
